@@ -1,0 +1,62 @@
+"""Input validation shared by the public functions: errors name the argument and the fault."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+
+def floating(name: str, x: torch.Tensor) -> None:
+    """`x` must be a floating tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got dtype {x.dtype}")
+
+
+def finite(name: str, x: torch.Tensor) -> None:
+    """`x` must hold no NaN or Inf."""
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def shape(name: str, x: torch.Tensor, expected: Sequence[int]) -> None:
+    """`x` must have exactly the shape `expected`."""
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {list(expected)}, got {list(x.shape)}")
+
+
+def mask(name: str, m: torch.Tensor, expected: Sequence[int], allow_float: bool = False) -> None:
+    """`m` must be a bool (or, if allowed, floating weight) tensor of shape `expected`."""
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(m).__name__}")
+    if m.dtype != torch.bool and not (allow_float and m.is_floating_point()):
+        kinds = "bool or floating" if allow_float else "bool"
+        raise TypeError(f"{name} must be a {kinds} tensor, got dtype {m.dtype}")
+    shape(name, m, expected)
+    if m.is_floating_point():
+        finite(name, m)
+        if m.numel() and bool((m < 0).any()):
+            raise ValueError(f"{name} weights must be non-negative")
+
+
+def same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """All given tensors must live on one device, which is returned."""
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    distinct = set(devices.values())
+    if len(distinct) > 1:
+        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+    return distinct.pop()
+
+
+def timesteps(values: Iterable[float]) -> tuple[float, ...]:
+    """A non-empty tuple of timesteps, each strictly inside (0, 1)."""
+    out = tuple(float(v) for v in values)
+    if not out:
+        raise ValueError("timesteps must not be empty")
+    for tau in out:
+        if not 0.0 < tau < 1.0:
+            raise ValueError(f"timesteps must lie in (0, 1), got {tau}")
+    return out

@@ -1,0 +1,1 @@
+"""Triton implementation (work in progress: registers nothing yet)."""

@@ -1,0 +1,1 @@
+"""CUDA implementation via flowkern._C (work in progress: registers nothing yet)."""

@@ -1,0 +1,253 @@
+"""Token-level flow rewards and GRPO advantages with flow shaping (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _checks
+from . import backend as dispatch
+from .config import FlowConfig
+from .field import VelocityField
+from .flow import flow_pairs, flow_scores
+
+ADV_EPS = 1e-6  # added to the group std before dividing
+RTG_CHUNK = 64  # reward-to-go is scanned in chunks of this many positions
+
+
+def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_mask: torch.Tensor,
+                config: FlowConfig, *, layer_fracs: Sequence[float],
+                noise: Optional[Sequence[torch.Tensor]] = None, generator: Optional[torch.Generator] = None,
+                backend: str = "auto") -> torch.Tensor:
+    """Shaped token rewards [B, T] fp32 from the policy latents of a rollout batch.
+
+    Each latent is paired by ``config.context_mode``; every action token that has
+    a pair is scored (`flow_scores`) at each hooked layer and the scores are
+    averaged over layers. Each sequence is then shaped over its action tokens
+    (`shape_rewards`): normalisation, threshold, top-k and ``-config.coef``.
+    Non-action positions, and the ``shift`` positions without a pair, get 0.
+
+    Args:
+        field: the velocity field, trained in the same context mode as `config`.
+        latents: one [B, T, D] tensor per hooked layer (e.g. `LatentTap.latents`).
+        action_mask: [B, T] bool, True on response (action) tokens.
+        config: the flow configuration.
+        layer_fracs: layer fraction ℓ = index / L of each latent (`LatentTap.layer_fracs`).
+        noise: optional list of [B, T, D] tensors, one per latent; the target token at
+            position k uses ``noise[l][:, k]``, shared by all timesteps.
+        generator: random source for the noise when `noise` is None.
+        backend: "auto", "torch", "triton" or "cuda". It selects the scoring backend and
+            the shaping backend; a stage that has no such implementation uses "auto".
+    """
+    if not isinstance(config, FlowConfig):
+        raise TypeError(f"config must be a flowkern.FlowConfig, got {type(config).__name__}")
+    latents = list(latents)
+    if not latents:
+        raise ValueError("latents must hold at least one [B, T, D] tensor")
+    layer_fracs = [float(f) for f in layer_fracs]
+    if len(layer_fracs) != len(latents):
+        raise ValueError(f"layer_fracs has {len(layer_fracs)} entries for {len(latents)} latents")
+    for i, lat in enumerate(latents):
+        _checks.floating(f"latents[{i}]", lat)
+        if lat.dim() != 3:
+            raise ValueError(f"latents[{i}] must be [B, T, D], got shape {list(lat.shape)}")
+        if lat.shape != latents[0].shape:
+            raise ValueError(f"latents[{i}] has shape {list(lat.shape)} but latents[0] has {list(latents[0].shape)}")
+    B, T, D = latents[0].shape
+    if D != field.dim:
+        raise ValueError(f"latents have hidden size {D} but the field's dim is {field.dim}")
+    _checks.mask("action_mask", action_mask, (B, T))
+    if noise is not None:
+        noise = list(noise)
+        if len(noise) != len(latents):
+            raise ValueError(f"noise has {len(noise)} tensors for {len(latents)} latents")
+        for i, nz in enumerate(noise):
+            _checks.floating(f"noise[{i}]", nz)
+            _checks.shape(f"noise[{i}]", nz, (B, T, D))
+    tensors = {f"latents[{i}]": lat for i, lat in enumerate(latents)}
+    tensors.update({f"noise[{i}]": nz for i, nz in enumerate(noise or [])})
+    device = _checks.same_device(action_mask=action_mask, **tensors)
+    for name, lat in tensors.items():
+        _checks.finite(name, lat)
+    score_backend, shape_backend = _stage_backends(backend)
+
+    _, _, valid = flow_pairs(latents[0], config.context_mode, config.shift)
+    scored = action_mask & valid[None]
+    rows, target_pos = scored.nonzero(as_tuple=True)
+    offset = {"token_pre": config.shift, "token_post": -config.shift, "identity": 0}[config.context_mode]
+    cond_pos = target_pos + offset
+    n = rows.numel()
+    scores = torch.zeros(B, T, dtype=torch.float32, device=device)
+    if n:
+        stacked_noise = None if noise is None else torch.cat([nz[rows, target_pos] for nz in noise])
+        per_layer = flow_scores(
+            field,
+            torch.cat([lat[rows, target_pos] for lat in latents]),
+            torch.cat([lat[rows, cond_pos] for lat in latents]),
+            torch.tensor(layer_fracs, dtype=torch.float32, device=device).repeat_interleave(n),
+            timesteps=config.timesteps, noise=stacked_noise, generator=generator, backend=score_backend)
+        scores[rows, target_pos] = per_layer.view(len(latents), n).mean(0)
+    return shape_rewards(scores, scored, config, backend=shape_backend)
+
+
+def _stage_backends(backend: str) -> tuple[str, str]:
+    """The (scoring, shaping) backends for a `flow_reward` request."""
+    if backend not in dispatch.BACKENDS:
+        raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
+    stages = [(op, backend if dispatch.implements(op, backend) else "auto") for op in ("flow_scores", "shape_rewards")]
+    if all(chosen == "auto" for _, chosen in stages) and backend != "auto":
+        raise RuntimeError(f"backend {backend!r} implements neither flow scoring nor reward shaping")
+    return stages[0][1], stages[1][1]
+
+
+def shape_rewards(scores: torch.Tensor, action_mask: torch.Tensor, config: FlowConfig, *,
+                  backend: str = "auto") -> torch.Tensor:
+    """Per-sequence shaping of token scores [B, T] into token rewards [B, T] fp32.
+
+    Over the action tokens of each row: normalisation (``config.norm``), the
+    threshold η (one-sided ``s > η`` for minmax/none, ``|s| > η`` for the signed
+    norms), top-k (k largest, or ⌊k/2⌋ per side for the signed norms), then
+    ``r = -config.coef * s`` on kept tokens. Everything else is 0. A row with no
+    action token is all zero; a constant row normalises to 0.
+    """
+    if not isinstance(config, FlowConfig):
+        raise TypeError(f"config must be a flowkern.FlowConfig, got {type(config).__name__}")
+    _checks.floating("scores", scores)
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [B, T], got shape {list(scores.shape)}")
+    _checks.mask("action_mask", action_mask, scores.shape)
+    device = _checks.same_device(scores=scores, action_mask=action_mask)
+    _checks.finite("scores", scores.masked_fill(~action_mask, 0))
+    _, fn = dispatch.resolve("shape_rewards", backend, device)
+    return fn(scores, action_mask, config)
+
+
+def _normalise(scores: torch.Tensor, action: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-row normalisation of `scores` over `action` positions (fp32; 0 off-action)."""
+    s = scores.float()
+    if norm == "none":
+        return s.masked_fill(~action, 0.0)
+    inf = torch.tensor(float("inf"), device=s.device)
+    lo = torch.where(action, s, inf).amin(-1, keepdim=True)
+    hi = torch.where(action, s, -inf).amax(-1, keepdim=True)
+    span = hi - lo
+    constant = ~(span > 0)  # also true for rows without action tokens
+    unit = torch.where(constant, 0.0, (s - lo) / torch.where(constant, 1.0, span))
+    unit = unit.masked_fill(~action, 0.0)
+    if norm == "minmax":
+        return unit
+    if norm == "minmax-bil":
+        return torch.where(action & ~constant, 2.0 * unit - 1.0, 0.0)
+    count = action.sum(-1, keepdim=True).clamp_min(1)
+    centred = unit - unit.sum(-1, keepdim=True) / count
+    return centred.masked_fill(~action, 0.0)
+
+
+def _top_k(values: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the (at most) k largest `values` per row among `candidates`."""
+    if k <= 0:
+        return torch.zeros_like(candidates)
+    k = min(k, values.shape[-1])
+    ranked = torch.where(candidates, values, -torch.inf)
+    idx = ranked.topk(k, dim=-1).indices
+    chosen = torch.zeros_like(candidates).scatter_(-1, idx, True)
+    return chosen & candidates
+
+
+def _shape_rewards_torch(scores: torch.Tensor, action: torch.Tensor, config: FlowConfig) -> torch.Tensor:
+    s = _normalise(scores, action, config.norm)
+    if config.two_sided:
+        survive = action & (s.abs() > config.threshold)
+        if config.topk:
+            half = config.topk // 2
+            survive = _top_k(s, survive & (s > 0), half) | _top_k(-s, survive & (s < 0), half)
+    else:
+        survive = action & (s > config.threshold)
+        if config.topk:
+            survive = _top_k(s, survive, config.topk)
+    return torch.where(survive, -config.coef * s, 0.0)
+
+
+def shape_advantages(outcome: torch.Tensor, token_rewards: torch.Tensor, action_mask: torch.Tensor,
+                     group_size: int, gamma: float = 1.0, *, backend: str = "auto") -> torch.Tensor:
+    """GRPO advantages with flow shaping, [B, T] fp32 (0 off-action).
+
+    ``A[i, k] = Â_i + Σ_{s ≥ k, s ∈ action} γ^(s-k) r[i, s]`` where
+    ``Â_i = (R_i - mean_g) / (std_g + 1e-6)`` over consecutive groups of
+    `group_size` rollouts (unbiased std; a zero-std group gets Â = 0).
+
+    Args:
+        outcome: [B] outcome rewards R.
+        token_rewards: [B, T] token rewards r (e.g. from `flow_reward`).
+        action_mask: [B, T] bool.
+        group_size: rollouts per prompt n; must divide B.
+        gamma: discount γ in [0, 1].
+        backend: "auto", "torch", "triton" or "cuda".
+    """
+    _checks.floating("outcome", outcome)
+    _checks.floating("token_rewards", token_rewards)
+    if token_rewards.dim() != 2:
+        raise ValueError(f"token_rewards must be [B, T], got shape {list(token_rewards.shape)}")
+    B = token_rewards.shape[0]
+    _checks.shape("outcome", outcome, (B,))
+    _checks.mask("action_mask", action_mask, token_rewards.shape)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    if B % group_size:
+        raise ValueError(f"group_size ({group_size}) must divide the batch size B ({B})")
+    gamma = float(gamma)
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+    device = _checks.same_device(outcome=outcome, token_rewards=token_rewards, action_mask=action_mask)
+    _checks.finite("outcome", outcome)
+    _checks.finite("token_rewards", token_rewards)
+    _, fn = dispatch.resolve("shape_advantages", backend, device)
+    return fn(outcome, token_rewards, action_mask, group_size, gamma)
+
+
+def group_advantages(outcome: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Group-normalised outcome Â [B] fp32; zero-std (and single-sample) groups give 0."""
+    grouped = outcome.float().view(-1, group_size)
+    mean = grouped.mean(-1, keepdim=True)
+    std = grouped.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+    adv = (grouped - mean) / (std + ADV_EPS)
+    return torch.where(std > 0, adv, 0.0).reshape(-1)
+
+
+def reward_to_go(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``G[k] = Σ_{s ≥ k} γ^(s-k) r[s]`` along the last dim, fp32.
+
+    Scanned right to left in chunks of RTG_CHUNK positions: inside a chunk by a
+    small triangular matmul, across chunks by a carry, so no power of γ larger
+    than the chunk is ever formed.
+    """
+    r = rewards.float()
+    if gamma == 1.0:
+        return r.flip(-1).cumsum(-1).flip(-1)
+    T = r.shape[-1]
+    c = min(RTG_CHUNK, max(T, 1))
+    pos = torch.arange(c, device=r.device, dtype=torch.float32)
+    lag = pos[None, :] - pos[:, None]  # lag[k, s] = s - k
+    discount = torch.where(lag >= 0, torch.pow(gamma, lag.clamp_min(0)), 0.0)
+    tail = torch.pow(gamma, c - pos)  # γ^(c-k): weight of the next chunk's G at its start
+    out = torch.empty_like(r)
+    carry = torch.zeros(r.shape[:-1], dtype=torch.float32, device=r.device)
+    for start in range(((T - 1) // c) * c, -1, -c):
+        chunk = r[..., start:start + c]
+        width = chunk.shape[-1]
+        local = chunk @ discount[:width, :width].T
+        local = local + carry[..., None] * tail[:width]  # carry is 0 for the (possibly short) last chunk
+        out[..., start:start + width] = local
+        carry = local[..., 0]
+    return out
+
+
+def _shape_advantages_torch(outcome: torch.Tensor, token_rewards: torch.Tensor, action: torch.Tensor,
+                            group_size: int, gamma: float) -> torch.Tensor:
+    rtg = reward_to_go(token_rewards.float().masked_fill(~action, 0.0), gamma)
+    return (group_advantages(outcome, group_size)[:, None] + rtg).masked_fill(~action, 0.0)
+
+
+dispatch.register("shape_rewards", "torch", _shape_rewards_torch)
+dispatch.register("shape_advantages", "torch", _shape_advantages_torch)
