@@ -64,6 +64,11 @@ class FlowConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"FlowConfig.{name} must be a finite number, got {value!r}")
+        if self.threshold < 0:
+            raise ValueError(f"FlowConfig.threshold must be >= 0, got {self.threshold!r}")
+        if self.two_sided and self.topk == 1:
+            raise ValueError(f"FlowConfig.topk=1 keeps no token with the two-sided norm {self.norm!r} "
+                             "(it keeps topk // 2 per side); use 0 or >= 2")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
             raise ValueError(f"FlowConfig.eps must be a positive number, got {self.eps!r}")
 

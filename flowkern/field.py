@@ -24,7 +24,7 @@ def sinusoid_frequencies(n_features: int = FREQ_FEATURES) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm in fp32, cast back to the input dtype, then scaled by its weight."""
+    """RMSNorm in fp32 (or wider), cast back to the input dtype, then scaled by its weight."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -32,7 +32,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -49,20 +49,25 @@ class ScalarEmbedder(nn.Module):
         self.register_buffer("freqs", sinusoid_frequencies(), persistent=True)
         self.mlp = nn.Sequential(nn.Linear(FREQ_FEATURES, width), nn.SiLU(), nn.Linear(width, width))
 
+    @property
+    def feature_dtype(self) -> torch.dtype:
+        """Sinusoids are computed in fp32, or in the weights' dtype when that is wider."""
+        return torch.promote_types(torch.float32, self.mlp[0].weight.dtype)
+
     def embed_values(self, values: torch.Tensor) -> torch.Tensor:
         """Embeddings [M, W] of M scalar values (no deduplication)."""
-        args = values.float()[:, None] * self.freqs.float()[None]
+        args = values.to(self.feature_dtype)[:, None] * self.freqs.to(self.feature_dtype)[None]
         feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
 
     def forward(self, value: Scalar, n_rows: int) -> torch.Tensor:
         """Embedding of `value` for `n_rows` rows: [1, W] (broadcasts) or [N, W]."""
-        device = self.freqs.device
+        device, dtype = self.freqs.device, self.feature_dtype
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
-            return self.embed_values(torch.as_tensor(value, dtype=torch.float32, device=device).reshape(1))
+            return self.embed_values(torch.as_tensor(value, dtype=dtype, device=device).reshape(1))
         if value.shape != (n_rows,):
             raise ValueError(f"per-row scalar must have shape [{n_rows}], got {tuple(value.shape)}")
-        distinct, inverse = torch.unique(value.to(device=device, dtype=torch.float32), return_inverse=True)
+        distinct, inverse = torch.unique(value.to(device=device, dtype=dtype), return_inverse=True)
         return self.embed_values(distinct)[inverse]
 
 
