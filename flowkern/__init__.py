@@ -6,6 +6,7 @@ Public API:
 - `VelocityField`, `load_flow_field`, `save_flow_field` — the velocity network and its checkpoints;
 - `LatentTap` — capture decoder-layer latents of an HF causal LM;
 - `flow_pairs`, `flow_matching_loss`, `flow_scores` — flow matching on latents;
+- `latent_flow_loss` — the flow loss over every hooked layer of a tapped batch;
 - `flow_reward`, `shape_rewards`, `shape_advantages` — token rewards and GRPO advantages;
 - `available_backends` — which backends can run an op on a device.
 """
@@ -15,6 +16,7 @@ from .checkpoint import load_flow_field, save_flow_field
 from .config import FlowConfig
 from .field import VelocityField
 from .flow import flow_matching_loss, flow_pairs, flow_scores
+from .latents import latent_flow_loss
 from .reward import flow_reward, shape_advantages, shape_rewards
 from .tap import LatentTap
 
@@ -29,6 +31,7 @@ __all__ = [
     "flow_pairs",
     "flow_reward",
     "flow_scores",
+    "latent_flow_loss",
     "load_flow_field",
     "save_flow_field",
     "shape_advantages",

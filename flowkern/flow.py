@@ -195,6 +195,8 @@ def flow_matching_loss(field: VelocityField, target: torch.Tensor, cond: torch.T
     if not input_grad:
         target, cond = target.detach(), cond.detach()
     _, fn = dispatch.resolve("flow_matching_loss", backend, device)
+    if n == 0:  # no token: a zero loss that still reaches every parameter (zero gradients)
+        return sum(p.sum() for p in field.parameters()).float().mul(0.0) + 0.0
     return fn(field, target, cond, layer, weights, t, noise, generator)
 
 
@@ -208,10 +210,10 @@ def _flow_matching_loss_torch(field: VelocityField, target: torch.Tensor, cond: 
         noise = torch.randn((repeats, *target.shape), generator=generator, device=target.device)
     eps = noise.float()
     tt = t.unsqueeze(-1)
-    x_t = (tt * x1 + (1.0 - tt) * eps).to(dtype).reshape(repeats * n, -1)
+    x_t = (tt * x1 + (1.0 - tt) * eps).to(dtype).reshape(repeats * n, target.shape[-1])
     rows_layer = layer.repeat(repeats) if isinstance(layer, torch.Tensor) else layer
     v = field(x_t, t.reshape(-1), cond.to(dtype).repeat(repeats, 1), rows_layer).float()
-    per_token = (v.reshape(repeats, n, -1) - (x1 - eps)).pow(2).mean(-1)
+    per_token = (v.reshape(repeats, n, target.shape[-1]) - (x1 - eps)).pow(2).mean(-1)
     total = weights.sum() * repeats
     return (per_token * weights).sum() / total.clamp_min(torch.finfo(torch.float32).tiny)
 

@@ -1,0 +1,104 @@
+"""Working with a batch of tapped latents: validation, (context, target) gathering, the flow loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from . import _checks
+from .config import FlowConfig
+from .field import VelocityField
+from .flow import flow_matching_loss, flow_pairs
+
+
+def check_latents(field: VelocityField, latents: Sequence[torch.Tensor], layer_fracs: Sequence[float],
+                  mask: torch.Tensor, mask_name: str = "action_mask", allow_float_mask: bool = False
+                  ) -> tuple[list[torch.Tensor], list[float]]:
+    """Validate per-layer latents [B, T, D] against `field`, `layer_fracs` and a [B, T] mask.
+
+    Returns the latents as a list and the fractions as floats. Errors name the argument.
+    """
+    if not isinstance(field, VelocityField):
+        raise TypeError(f"field must be a flowkern.VelocityField, got {type(field).__name__}")
+    latents = list(latents)
+    if not latents:
+        raise ValueError("latents must hold at least one [B, T, D] tensor")
+    fracs = [float(f) for f in layer_fracs]
+    if len(fracs) != len(latents):
+        raise ValueError(f"layer_fracs has {len(fracs)} entries for {len(latents)} latents")
+    for i, lat in enumerate(latents):
+        _checks.floating(f"latents[{i}]", lat)
+        if lat.dim() != 3:
+            raise ValueError(f"latents[{i}] must be [B, T, D], got shape {list(lat.shape)}")
+        if lat.shape != latents[0].shape:
+            raise ValueError(f"latents[{i}] has shape {list(lat.shape)} but latents[0] has {list(latents[0].shape)}")
+    B, T, D = latents[0].shape
+    if D != field.dim:
+        raise ValueError(f"latents have hidden size {D} but the field's dim is {field.dim}")
+    _checks.mask(mask_name, mask, (B, T), allow_float=allow_float_mask)
+    _checks.same_device(**{mask_name: mask}, **{f"latents[{i}]": lat for i, lat in enumerate(latents)})
+    for i, lat in enumerate(latents):
+        _checks.finite(f"latents[{i}]", lat)
+    return latents, fracs
+
+
+@dataclass
+class PairIndex:
+    """Which (row, position) pairs are used: targets at ``pos``, contexts at ``cond_pos``."""
+
+    rows: torch.Tensor
+    pos: torch.Tensor
+    cond_pos: torch.Tensor
+    selected: torch.Tensor  # [B, T] bool: selected target positions
+
+    @property
+    def n(self) -> int:
+        return int(self.rows.numel())
+
+    def gather(self, latents: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(targets, contexts), each [len(latents) * n, D], stacked layer-major."""
+        targets = torch.cat([lat[self.rows, self.pos] for lat in latents])
+        conds = torch.cat([lat[self.rows, self.cond_pos] for lat in latents])
+        return targets, conds
+
+
+def pair_index(mask: torch.Tensor, config: FlowConfig, seq_len: int) -> PairIndex:
+    """The pairs whose target position is in `mask` (bool [B, T]) and has a context under `config`."""
+    _, _, valid = flow_pairs(torch.empty(1, seq_len, 1, device=mask.device), config.context_mode, config.shift)
+    selected = mask & valid[None]
+    rows, pos = selected.nonzero(as_tuple=True)
+    offset = {"token_pre": config.shift, "token_post": -config.shift, "identity": 0}[config.context_mode]
+    return PairIndex(rows, pos, pos + offset, selected)
+
+
+def latent_flow_loss(field: VelocityField, latents: Sequence[torch.Tensor], mask: torch.Tensor,
+                     config: FlowConfig, *, layer_fracs: Sequence[float], repeats: int = 1,
+                     generator: Optional[torch.Generator] = None, backend: str = "auto") -> torch.Tensor:
+    """Flow-matching loss over every paired token of every hooked layer, in one batched call.
+
+    Args:
+        field: the velocity field being trained.
+        latents: one [B, T, D] tensor per hooked layer (detached policy latents).
+        mask: [B, T] bool (tokens to learn from) or non-negative float weights, e.g. 1 for
+            correct rollouts and ``soft`` for the others.
+        config: gives the context mode and shift.
+        layer_fracs: ℓ of each latent.
+        repeats: fresh (t, ε) draws per token.
+        generator: random source for t and ε.
+        backend: "auto", "torch", "triton" or "cuda".
+
+    Returns:
+        The scalar fp32 masked mean over tokens, layers and repeats (0 for an empty mask).
+    """
+    if not isinstance(config, FlowConfig):
+        raise TypeError(f"config must be a flowkern.FlowConfig, got {type(config).__name__}")
+    latents, fracs = check_latents(field, latents, layer_fracs, mask, "mask", allow_float_mask=True)
+    B, T, _ = latents[0].shape
+    index = pair_index(mask != 0, config, T)
+    targets, conds = index.gather(latents)
+    layer = torch.tensor(fracs, dtype=torch.float32, device=mask.device).repeat_interleave(index.n)
+    weights = mask[index.rows, index.pos].float().repeat(len(latents))
+    return flow_matching_loss(field, targets, conds, layer, weights, repeats=repeats, generator=generator,
+                              backend=backend)
