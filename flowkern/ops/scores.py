@@ -1,1 +1,479 @@
-"""Triton implementation (work in progress: registers nothing yet)."""
+"""Triton `flow_scores`: the fused scoring pass of RLFR (DESIGN.md §1).
+
+Every (layer, token) row of the call and every rewarding timestep τ_j are
+stacked along the row dimension, so each weight of the velocity field is
+applied as one GEMM over ``J · N`` rows (row ``j · n + r`` is token r at
+timestep j). Rows are streamed in chunks of at most `MAX_CHUNK_BYTES` of
+intermediates, whatever N. Per chunk:
+
+1. `_interpolate_kernel`  x_t = τ·x1 + (1-τ)·ε for every timestep, ε either
+   loaded or drawn in-kernel from a seeded Philox stream.
+2. `_cond_kernel`         cond GEMM, once per token (not per timestep); the
+   epilogue adds the timestep and layer embeddings (each distinct value is
+   embedded once, on the host) and stores ``SiLU(y)`` for every timestep.
+3. `_linear_kernel` RMS   input_proj; the epilogue stores ``a`` and its
+   per-row sum-of-squares partials (the next RMSNorm's statistics).
+4. per block: `_modulate_kernel` (adaLN GEMM, shift/scale/gate accumulated
+   side by side so the epilogue forms ``RMSNorm(a)·(1+scale)+shift``),
+   `_linear_kernel` SILU (bias + SiLU), `_linear_kernel` RESID
+   (``a + gate·(.)`` in place, with new RMS partials).
+5. `_modulate_kernel` without gate for the final layer, then `_score_kernel`:
+   the output GEMM's epilogue regenerates (or loads) ε, forms ``(v - u)²``
+   and reduces it per row. v, u and ε never reach memory.
+
+Row reductions across column tiles are written as fixed 64-column partial
+sums (`SLOT`) and summed by the consumer, never with atomics, so a score
+does not depend on the tile shapes or the launch order: a seed gives
+identical scores on every call.
+
+The interpolation is its own pass rather than the prologue of the
+input_proj GEMM because drawing Philox noise inside the GEMM's A-tile load
+would redo it for every one of the W / BN column tiles, which costs more
+ALU time than the GEMM itself; as a separate pass it costs one read of x1
+and one write of x_t (under 1 % of the GEMM floor at the DESIGN shapes).
+
+Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors, with one
+autotune config and the dot operands upcast to fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import backend
+from ..field import VelocityField
+from ._triton import interpreting, prune_configs, why_unavailable
+
+# Intermediates held per chunk: SiLU(y), a, gate, h (x_t before input_proj), MLP hidden — each [J·n, W].
+_N_BUFFERS = 5
+# Bound on those intermediates: the whole call's extra memory is this plus O(N) fp32 (scores, layer index).
+MAX_CHUNK_BYTES = 384 * 2**20
+SLOT = tl.constexpr(64)  # columns per partial row sum; producers' BN must be a multiple of it
+_SLOT = 64
+_NOISE_TILE = (64, 128)  # (rows, cols) of `_interpolate_kernel`'s programs
+
+_EPI_RMS, _EPI_SILU, _EPI_RESID = 0, 1, 2
+
+
+def _gemm_config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+
+
+# Plain GEMMs [M, W] x [W, W]^T. First entry: the tile DESIGN §4 measured near cuBLAS on an H200 (also the
+# one config of the interpreter: large blocks keep its program count low). The small ones fit fp32 in smem.
+_GEMM_CONFIGS = [
+    _gemm_config(128, 256, 64, 8, 3),
+    _gemm_config(128, 256, 32, 8, 4),
+    _gemm_config(128, 128, 64, 4, 4),
+    _gemm_config(128, 128, 64, 8, 3),
+    _gemm_config(64, 128, 32, 4, 3),
+]
+# adaLN GEMMs carry 2 or 3 accumulators of [BM, BN] each (shift, scale[, gate]).
+_MODULATE_CONFIGS = [
+    _gemm_config(128, 64, 64, 8, 3),
+    _gemm_config(64, 128, 64, 4, 3),
+    _gemm_config(128, 128, 32, 8, 3),
+    _gemm_config(128, 64, 32, 4, 4),
+    _gemm_config(64, 64, 32, 4, 3),
+]
+
+
+# --------------------------------------------------------------------------- shared device helpers
+
+@triton.jit
+def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program, grouped along M so that consecutive programs share W tiles in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _mainloop(a_ptr, stride_am, w_ptr, rm, rn, M, N, K, N_ACC: tl.constexpr, PREC: tl.constexpr,
+              UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """``A[rm, :] @ W[i·N + rn, :]^T`` for i < N_ACC (nn.Linear weights, rows of K contiguous), fp32 accumulators.
+
+    The A tile is cast to the weight dtype on load (the reference's ``.to(dtype)``); all loads are masked.
+    """
+    rk = tl.arange(0, BK)
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
+    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * K + rk[:, None]  # [BK, BN] view of W^T
+    row_ok = rm[:, None] < M
+    col_ok = rn[None, :] < N
+    acc0 = tl.zeros((BM, BN), dtype=tl.float32)
+    acc1 = tl.zeros((BM, BN), dtype=tl.float32)
+    acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k_ok = (k0 + rk) < K
+        w0 = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok, other=0.0)
+        a = tl.load(a_ptrs, mask=row_ok & k_ok[None, :], other=0.0).to(w0.dtype)
+        if UPCAST:
+            a = a.to(tl.float32)
+        acc0 = _dot(a, w0, acc0, PREC, UPCAST)
+        if N_ACC >= 2:
+            w1 = tl.load(w_ptrs + N * K, mask=k_ok[:, None] & col_ok, other=0.0)
+            acc1 = _dot(a, w1, acc1, PREC, UPCAST)
+        if N_ACC >= 3:
+            w2 = tl.load(w_ptrs + 2 * N * K, mask=k_ok[:, None] & col_ok, other=0.0)
+            acc2 = _dot(a, w2, acc2, PREC, UPCAST)
+        a_ptrs += BK
+        w_ptrs += BK
+    return acc0, acc1, acc2
+
+
+@triton.jit
+def _dot(a, w, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:  # the interpreter's low-precision dot is wrong: do it in fp32
+        return tl.dot(a, w.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, w, acc, input_precision=PREC)
+
+
+@triton.jit
+def _rnd(x, DT: tl.constexpr):
+    """Round fp32 `x` to the field dtype and back, as the reference's dtype ops do."""
+    return x.to(DT).to(tl.float32)
+
+
+@triton.jit
+def _silu(x):
+    return x * tl.sigmoid(x)
+
+
+@triton.jit
+def _normal_tile(seed, rows, col0, QD, BM: tl.constexpr, BN: tl.constexpr):
+    """Standard normals [BM, BN] of global token rows `rows` (int64) and columns col0 .. col0+BN-1.
+
+    Element (r, c) is output ``c % 4`` of Philox counter ``r · QD + c // 4`` (QD = ⌈D/4⌉), so every
+    kernel gets the same ε whatever its tile shape (col0 and BN multiples of 4), and one Philox call
+    serves four columns.
+    """
+    q = col0 // 4 + tl.arange(0, BN // 4)
+    counter = rows[:, None] * QD + q[None, :]
+    n0, n1, n2, n3 = tl.randn4x(seed, counter)
+    # join(join(n0, n2), join(n1, n3))[r, i, a, b] = n_{2a+b}; row-major reshape puts it at column 4i + 2a + b
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (BM, BN))
+
+
+@triton.jit
+def _store_slot_sums(part_ptr, x, rm, pid_n, M, n_slots, BM: tl.constexpr, BN: tl.constexpr):
+    """Store per-row sums of `x` [BM, BN] over each 64-column slot into part[rm, pid_n·BN/64 + s]."""
+    sums = tl.sum(tl.reshape(x, (BM, BN // SLOT, SLOT)), axis=2)
+    slot = pid_n * (BN // SLOT) + tl.arange(0, BN // SLOT)
+    ptrs = part_ptr + rm[:, None].to(tl.int64) * n_slots + slot[None, :]
+    tl.store(ptrs, sums, mask=(rm[:, None] < M) & (slot[None, :] < n_slots))
+
+
+# --------------------------------------------------------------------------- kernels
+
+# Elementwise. Per token row: reads x1 (D·e_in) [+ ε, D·e_noise, when supplied], writes J·D·e bytes of
+# x_t; ALU ≈ 40 ops per element for Philox-4x32-10 + Box–Muller (one call per four columns).
+# 1.5B shape (N = 196,608, D = 1536, J = 1, bf16): 1.2 GB -> floor 0.29 ms at 4.2 TB/s; ALU ~0.4 ms on
+# the CUDA cores; the two overlap.
+@triton.jit(do_not_specialize=["row0", "seed"])
+def _interpolate_kernel(x1_ptr, stride_x1, noise_ptr, stride_nj, stride_nr, out_ptr, tau_ptr, omt_ptr,
+                        n_tok, D, J, row0, seed, QD,
+                        HAS_NOISE: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+    """out[j·n_tok + r] = τ_j · x1[r] + (1 - τ_j) · ε_j[r], in the field dtype (x1, noise: this chunk's rows)."""
+    DT: tl.constexpr = out_ptr.dtype.element_ty
+    r = tl.program_id(0) * BM + tl.arange(0, BM)
+    c = tl.program_id(1) * BD + tl.arange(0, BD)
+    mask = (r[:, None] < n_tok) & (c[None, :] < D)
+    r64 = r.to(tl.int64)
+    x1 = tl.load(x1_ptr + r64[:, None] * stride_x1 + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    if not HAS_NOISE:
+        eps = _normal_tile(seed, row0 + r64, tl.program_id(1) * BD, QD, BM, BD)
+    for j in range(J):
+        if HAS_NOISE:
+            eps = tl.load(noise_ptr + j * stride_nj + r64[:, None] * stride_nr + c[None, :],
+                          mask=mask, other=0.0).to(tl.float32)
+        tau = tl.load(tau_ptr + j)
+        omt = tl.load(omt_ptr + j)
+        x_t = tau * x1 + omt * eps
+        tl.store(out_ptr + (j * n_tok + r64)[:, None] * D + c[None, :], x_t.to(DT), mask=mask)
+
+
+# GEMM [n, W] x [W, W]^T once per token (not per timestep): 2·n·W² FLOPs; bytes ≈ n·W·e_c (cond) + W²·e
+# + J·n·W·e (SiLU(y) for every timestep) + n·W·e per extra gather of the layer embedding (L2-resident).
+# 1.5B shape: 0.93 TFLOP -> 1.19 ms at 781 TFLOP/s vs 1.2 GB -> 0.29 ms: compute-bound, floor 1.19 ms.
+@triton.autotune(configs=prune_configs(_GEMM_CONFIGS), key=["N", "K"])
+@triton.jit
+def _cond_kernel(c_ptr, stride_c, w_ptr, b_ptr, lemb_ptr, idx_ptr, temb_ptr, s_ptr, n_tok, N, K, J,
+                 HAS_IDX: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """s[j·n_tok + r] = SiLU(cond_embed(c[r]) + temb[j] + lemb[idx[r]]) for every timestep j."""
+    DT: tl.constexpr = s_ptr.dtype.element_ty
+    pid_m, pid_n = _tile_ids(n_tok, N, BM, BN, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    acc, _, _ = _mainloop(c_ptr, stride_c, w_ptr, rm, rn, n_tok, N, K, 1, PREC, UPCAST, BM, BN, BK)
+    row_ok = rm < n_tok
+    col_ok = rn < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    ce = _rnd(acc + tl.load(b_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :], DT)
+    if HAS_IDX:
+        li = tl.load(idx_ptr + rm, mask=row_ok, other=0).to(tl.int64)
+    else:
+        li = tl.zeros((BM,), dtype=tl.int64)
+    le = tl.load(lemb_ptr + li[:, None] * N + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    for j in range(J):
+        te = tl.load(temb_ptr + j * N + rn, mask=col_ok, other=0.0).to(tl.float32)
+        y = _rnd(_rnd(ce + te[None, :], DT) + le, DT)
+        out = s_ptr + (j * n_tok + rm.to(tl.int64))[:, None] * N + rn[None, :]
+        tl.store(out, _silu(y).to(DT), mask=mask)
+
+
+# GEMM [M, W] x [W, W]^T, M = J·n: 2·M·W² FLOPs; bytes ≈ 2·M·W·e (A, out) + W²·e, plus 2·M·W·e for
+# RESID (a and gate) and M·W/16 for the RMS partials. 1.5B shape: 0.93 TFLOP -> 1.19 ms at 781 TFLOP/s
+# vs ≤ 2.4 GB -> 0.58 ms: compute-bound, floor 1.19 ms per call (K=4: 9 calls).
+@triton.autotune(configs=prune_configs(_GEMM_CONFIGS), key=["N", "K", "EPI"], restore_value=["res_ptr"])
+@triton.jit
+def _linear_kernel(a_ptr, w_ptr, b_ptr, out_ptr, res_ptr, gate_ptr, part_ptr, M, N, K, n_slots,
+                   EPI: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """out = epilogue(a @ w^T + b), all [M, N] contiguous.
+
+    EPI 0 (RMS): out = o, RMS partials of o. EPI 1 (SILU): out = SiLU(o).
+    EPI 2 (RESID): out = res + gate·o in place (out is res), RMS partials of it.
+    """
+    DT: tl.constexpr = out_ptr.dtype.element_ty
+    pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    acc, _, _ = _mainloop(a_ptr, K, w_ptr, rm, rn, M, N, K, 1, PREC, UPCAST, BM, BN, BK)
+    col_ok = rn < N
+    mask = (rm[:, None] < M) & col_ok[None, :]
+    offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+    o = _rnd(acc + tl.load(b_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :], DT)
+    if EPI == 1:
+        o = _rnd(_silu(o), DT)
+    if EPI == 2:
+        res = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        o = _rnd(res + _rnd(gate * o, DT), DT)
+    tl.store(out_ptr + offs, o.to(DT), mask=mask)
+    if EPI != 1:
+        _store_slot_sums(part_ptr, tl.where(mask, o * o, 0.0), rm, pid_n, M, n_slots, BM, BN)
+
+
+# adaLN GEMM [M, W] x [W, N_ACC·W]^T: 2·N_ACC·M·W² FLOPs; bytes ≈ M·W·e (SiLU(y)) + M·W·e (a) + M·W·e (h)
+# [+ M·W·e gate] + N_ACC·W²·e. 1.5B shape, block (N_ACC 3): 2.78 TFLOP -> 3.56 ms vs 2.4 GB -> 0.58 ms;
+# final (N_ACC 2): 1.86 TFLOP -> 2.38 ms. Compute-bound; shift/scale never reach memory.
+@triton.autotune(configs=prune_configs(_MODULATE_CONFIGS), key=["N", "K", "N_ACC"])
+@triton.jit
+def _modulate_kernel(s_ptr, w_ptr, b_ptr, a_ptr, lnw_ptr, part_ptr, h_ptr, gate_ptr, M, N, K, n_slots, eps,
+                     N_ACC: tl.constexpr, SLOTS_P2: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """(shift, scale[, gate]) = s @ w^T + b; h = RMSNorm(a)·(1 + scale) + shift; gate stored when N_ACC == 3.
+
+    RMSNorm's row statistics come from the 64-column partials `part` [M, n_slots] of the producer of `a`.
+    """
+    DT: tl.constexpr = h_ptr.dtype.element_ty
+    pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    acc_shift, acc_scale, acc_gate = _mainloop(s_ptr, K, w_ptr, rm, rn, M, N, K, N_ACC, PREC, UPCAST,
+                                               BM, BN, BK)
+    row_ok = rm < M
+    col_ok = rn < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+    slot = tl.arange(0, SLOTS_P2)
+    sums = tl.load(part_ptr + rm[:, None].to(tl.int64) * n_slots + slot[None, :],
+                   mask=row_ok[:, None] & (slot[None, :] < n_slots), other=0.0)
+    rstd = tl.rsqrt(tl.sum(sums, axis=1) / N + eps)
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    lnw = tl.load(lnw_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)
+    shift = _rnd(acc_shift + tl.load(b_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :], DT)
+    scale = _rnd(acc_scale + tl.load(b_ptr + N + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :], DT)
+    normed = _rnd(lnw[None, :] * _rnd(a * rstd[:, None], DT), DT)
+    h = _rnd(normed * _rnd(1.0 + scale, DT), DT) + shift
+    tl.store(h_ptr + offs, h.to(DT), mask=mask)
+    if N_ACC == 3:
+        gate = acc_gate + tl.load(b_ptr + 2 * N + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(gate_ptr + offs, gate.to(DT), mask=mask)
+
+
+# Output GEMM [M, W] x [D, W]^T with the loss epilogue: 2·M·W·D FLOPs; bytes ≈ M·W·e (h) + n·D·e_in (x1,
+# shared by the J timestep rows, L2-resident) [+ ε when supplied] + M·D/16 (partials); ALU ≈ 40 ops per
+# element to regenerate ε. 1.5B shape: 0.93 TFLOP -> 1.19 ms vs 1.2 GB -> 0.29 ms: compute-bound.
+@triton.autotune(configs=prune_configs(_GEMM_CONFIGS), key=["N", "K"])
+@triton.jit(do_not_specialize=["row0", "seed"])
+def _score_kernel(h_ptr, w_ptr, b_ptr, x1_ptr, stride_x1, noise_ptr, stride_nj, stride_nr, weight_ptr, part_ptr,
+                  M, n_tok, N, K, n_slots, row0, seed, QD,
+                  HAS_NOISE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """part[j·n_tok + r, s] = weight_j · Σ_{c in slot s} (v - (x1 - ε))², v = h @ w^T + b in the field dtype."""
+    DT: tl.constexpr = w_ptr.dtype.element_ty
+    pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    acc, _, _ = _mainloop(h_ptr, K, w_ptr, rm, rn, M, N, K, 1, PREC, UPCAST, BM, BN, BK)
+    row_ok = rm < M
+    col_ok = rn < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    v = _rnd(acc + tl.load(b_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :], DT)
+    j = rm // n_tok
+    tok = (rm % n_tok).to(tl.int64)
+    x1 = tl.load(x1_ptr + tok[:, None] * stride_x1 + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_NOISE:
+        eps = tl.load(noise_ptr + j[:, None].to(tl.int64) * stride_nj + tok[:, None] * stride_nr + rn[None, :],
+                      mask=mask, other=0.0).to(tl.float32)
+    else:
+        eps = _normal_tile(seed, row0 + tok, pid_n * BN, QD, BM, BN)
+    diff = v - (x1 - eps)
+    weight = tl.load(weight_ptr + j, mask=row_ok, other=0.0)
+    _store_slot_sums(part_ptr, tl.where(mask, diff * diff, 0.0) * weight[:, None], rm, pid_n, M, n_slots, BM, BN)
+
+
+# --------------------------------------------------------------------------- launcher
+
+def _grid(M: int, N: int):
+    return lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: IEEE fp32 for fp32 fields (as cuBLAS without TF32), the default otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _draw_seed(generator: Optional[torch.Generator]) -> int:
+    """The Philox seed of a call, drawn from `generator` (the global CPU generator when None)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
+
+
+def _chunk_tokens(n_tok: int, n_timesteps: int, width: int, itemsize: int) -> int:
+    """Tokens per chunk so that the chunk's intermediates fit in `MAX_CHUNK_BYTES` (a multiple of 128 when large)."""
+    per_token = n_timesteps * (_N_BUFFERS * width * itemsize + 4 * triton.cdiv(width, _SLOT))
+    tokens = max(1, MAX_CHUNK_BYTES // per_token)
+    if tokens >= 128:
+        tokens -= tokens % 128
+    return min(n_tok, tokens)
+
+
+def _noise_args(noise: Optional[torch.Tensor], placeholder: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(pointer, timestep stride, row stride) of a [n, D] or [J, n, D] noise; a never-read placeholder when None."""
+    if noise is None:
+        return placeholder, 0, 0
+    return noise, (noise.stride(0) if noise.dim() == 3 else 0), noise.stride(-2)
+
+
+def _interpolate(out: torch.Tensor, x1: torch.Tensor, noise: Optional[torch.Tensor], taus: torch.Tensor,
+                 omts: torch.Tensor, row0: int, seed: int) -> None:
+    """Launch `_interpolate_kernel` over the [n, D] rows `x1` (noise: [n, D] or [J, n, D] or None)."""
+    n, d = x1.shape[0], out.shape[-1]
+    noise_arg, stride_nj, stride_nr = _noise_args(noise, x1)
+    bm, bd = _NOISE_TILE
+    grid = (triton.cdiv(n, bm), triton.cdiv(d, bd))
+    _interpolate_kernel[grid](x1, x1.stride(0), noise_arg, stride_nj, stride_nr, out, taus, omts,
+                              n, d, taus.numel(), row0, seed, triton.cdiv(d, 4),
+                              HAS_NOISE=noise is not None, BM=bm, BD=bd, num_warps=4)
+
+
+def seeded_noise(seed: int, n: int, dim: int, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """The ε [n, dim] fp32 that the seeded Triton scoring pass draws for token rows 0..n-1 with `seed`.
+
+    With ``noise=None`` the kernels use exactly this ε (row r of the call's stacked rows), so
+    ``flow_scores(..., noise=seeded_noise(seed, n, D))`` on any backend reproduces the seeded scores.
+    """
+    device = torch.device(device)
+    reason = why_unavailable(device)
+    if reason is not None:
+        raise RuntimeError(f"seeded_noise: {reason}")
+    out = torch.empty(n, dim, dtype=torch.float32, device=device)
+    if n:
+        zeros = torch.zeros(dim, dtype=torch.float32, device=device)
+        x1 = zeros.expand(n, dim)  # row stride 0: reads stay inside `zeros`
+        taus = torch.zeros(1, dtype=torch.float32, device=device)
+        _interpolate(out, x1, None, taus, torch.ones_like(taus), 0, int(seed))
+    return out
+
+
+def _layer_tables(field: VelocityField, layer: Union[float, torch.Tensor]
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(embedding of each distinct layer value [U, W], per-row index into it [N] int32 or None)."""
+    weight = field.layer_embed.mlp[0].weight
+    if not isinstance(layer, torch.Tensor):
+        table = field.layer_embed.embed_values(torch.tensor([layer], dtype=torch.float32, device=weight.device))
+        return table.contiguous(), None
+    distinct, inverse = torch.unique(layer, return_inverse=True)
+    return field.layer_embed.embed_values(distinct).contiguous(), inverse.to(torch.int32)
+
+
+def _flow_scores_triton(field: VelocityField, target: torch.Tensor, cond: torch.Tensor,
+                        layer: Union[float, torch.Tensor], timesteps: tuple[float, ...],
+                        noise: Optional[torch.Tensor], generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The `flow_scores` backend: fused Triton scoring of [N, D] rows (see the module docstring)."""
+    device = target.device
+    n_tok, width = target.shape
+    n_t = len(timesteps)
+    dtype = field.input_proj.weight.dtype
+    scores = torch.zeros(n_tok, dtype=torch.float32, device=device)
+    if n_tok == 0:
+        return scores
+    target, cond = _unit_stride(target), _unit_stride(cond)
+    noise = None if noise is None else _unit_stride(noise)
+    seed = _draw_seed(generator) if noise is None else 0
+
+    taus = torch.tensor(timesteps, dtype=torch.float32, device=device)
+    omts = torch.tensor([1.0 - t for t in timesteps], dtype=torch.float32, device=device)
+    weights = torch.tensor([t / (1.0 - t) / (n_t * width) for t in timesteps], dtype=torch.float32, device=device)
+    temb = field.time_embed.embed_values(taus).contiguous()
+    lemb, layer_idx = _layer_tables(field, layer)
+
+    n_slots = triton.cdiv(width, _SLOT)
+    consts = dict(PREC=_precision(dtype), UPCAST=interpreting())
+    chunk = _chunk_tokens(n_tok, n_t, width, torch.finfo(dtype).bits // 8)
+    silu_y, resid, gate, hid, mlp = torch.empty((_N_BUFFERS, n_t * chunk, width), dtype=dtype, device=device)
+    part = torch.empty((n_t * chunk, n_slots), dtype=torch.float32, device=device)
+    final = field.final_layer
+
+    def linear(a: torch.Tensor, lin: torch.nn.Linear, out: torch.Tensor, epi: int, rows: int) -> None:
+        _linear_kernel[_grid(rows, width)](a, lin.weight.contiguous(), lin.bias, out, resid, gate, part,
+                                           rows, width, width, n_slots, EPI=epi, **consts)
+
+    def modulate(ada: torch.nn.Linear, norm: torch.nn.Module, n_acc: int, rows: int) -> None:
+        _modulate_kernel[_grid(rows, width)](silu_y, ada.weight.contiguous(), ada.bias, resid, norm.weight, part,
+                                             hid, gate, rows, width, width, n_slots, float(norm.eps),
+                                             N_ACC=n_acc, SLOTS_P2=triton.next_power_of_2(n_slots), **consts)
+
+    for row0 in range(0, n_tok, chunk):
+        n = min(chunk, n_tok - row0)
+        rows = n_t * n
+        x1 = target[row0:row0 + n]
+        eps = None if noise is None else noise[..., row0:row0 + n, :]
+        idx = None if layer_idx is None else layer_idx[row0:row0 + n]
+        _interpolate(hid, x1, eps, taus, omts, row0, seed)
+        _cond_kernel[_grid(n, width)](cond[row0:row0 + n], cond.stride(0), field.cond_embed.weight.contiguous(),
+                                      field.cond_embed.bias, lemb, idx if idx is not None else lemb, temb, silu_y,
+                                      n, width, width, n_t, HAS_IDX=idx is not None, **consts)
+        linear(hid, field.input_proj, resid, _EPI_RMS, rows)
+        for block in field.res_blocks:
+            modulate(block.adaLN_modulation[1], block.in_ln, 3, rows)
+            linear(hid, block.mlp[0], mlp, _EPI_SILU, rows)
+            linear(mlp, block.mlp[2], resid, _EPI_RESID, rows)
+        modulate(final.adaLN_modulation[1], final.norm_final, 2, rows)
+        noise_arg, stride_nj, stride_nr = _noise_args(eps, x1)
+        _score_kernel[_grid(rows, width)](hid, final.linear.weight.contiguous(), final.linear.bias, x1, x1.stride(0),
+                                          noise_arg, stride_nj, stride_nr, weights, part, rows, n, width, width,
+                                          n_slots, row0, seed, triton.cdiv(width, 4), HAS_NOISE=eps is not None,
+                                          **consts)
+        scores[row0:row0 + n] = part[:rows].view(n_t, n, n_slots).sum(dim=(0, 2))
+    return scores
+
+
+backend.register("flow_scores", "triton", _flow_scores_triton, why_unavailable)
