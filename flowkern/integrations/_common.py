@@ -1,0 +1,263 @@
+"""Glue shared by the trainer integrations: lazy imports, flow/policy checks, padded-batch alignment,
+and the online flow-matching update.
+
+Nothing here imports trl or verl. The maths lives in the core API (`flow_reward`,
+`flow_matching_loss`, `flow_pairs`, `shape_advantages`); this module only lines
+up padded trainer batches with it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..checkpoint import load_flow_field
+from ..config import FlowConfig
+from ..field import VelocityField
+from ..flow import flow_matching_loss, flow_pairs
+from ..tap import find_decoder_layers
+
+FlowLike = Union[VelocityField, str, os.PathLike]
+
+
+def require(module: str, extra: str):
+    """Import `module`, or raise an ImportError that says which flowkern extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"flowkern.integrations.{extra} needs the '{module}' package, which could not be "
+                          f"imported ({exc}); install it with: pip install flowkern[{extra}]") from exc
+
+
+def resolve_flow(flow: FlowLike, flow_config: Optional[FlowConfig], *, arg: str = "flow",
+                 config_arg: str = "flow_config") -> tuple[VelocityField, FlowConfig]:
+    """The (field, config) pair for an integration, from a `VelocityField` or a checkpoint path.
+
+    A flowkern checkpoint carries its `FlowConfig`; an explicit `flow_config` wins over it.
+    An official ``flow_model.bin`` or a bare `VelocityField` has none, so `flow_config` is then required.
+    """
+    if flow is None:
+        raise TypeError(f"{arg} is required: pass a flowkern.VelocityField or the path of a flow checkpoint")
+    source_config = None
+    if isinstance(flow, (str, os.PathLike)):
+        field, source_config = load_flow_field(flow)
+        where = f"the checkpoint at {os.fspath(flow)}"
+    elif isinstance(flow, VelocityField):
+        field, where = flow, "a VelocityField"
+    else:
+        raise TypeError(f"{arg} must be a flowkern.VelocityField or a checkpoint path, got {type(flow).__name__}")
+    config = flow_config if flow_config is not None else source_config
+    if config is None:
+        raise ValueError(f"{config_arg} is missing: {where} carries no FlowConfig, so pass "
+                         f"{config_arg}=flowkern.FlowConfig(...) with the settings the flow was trained with")
+    if not isinstance(config, FlowConfig):
+        raise TypeError(f"{config_arg} must be a flowkern.FlowConfig, got {type(config).__name__}")
+    if config.depth != field.depth:
+        raise ValueError(f"{config_arg}.depth ({config.depth}) differs from the depth of {arg} ({field.depth})")
+    return field, config
+
+
+def unwrap_module(module: nn.Module) -> nn.Module:
+    """Peel DDP / FSDP1 / DeepSpeed / torch.compile wrappers off a model (FSDP2 modules are already bare)."""
+    while True:
+        attr = _WRAPPERS.get(type(module).__name__)
+        inner = getattr(module, attr, None) if attr else None
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+
+
+# Wrapper class name -> the attribute holding the wrapped model.
+_WRAPPERS = {
+    "DistributedDataParallel": "module",
+    "DataParallel": "module",
+    "DeepSpeedEngine": "module",
+    "PipelineEngine": "module",
+    "FullyShardedDataParallel": "_fsdp_wrapped_module",
+    "OptimizedModule": "_orig_mod",
+}
+
+
+def policy_hidden_size(model: nn.Module) -> int:
+    """The hidden size D of an HF causal LM (the text tower's, for multimodal models)."""
+    config = getattr(unwrap_module(model), "config", None)
+    if config is None:
+        raise ValueError(f"cannot read the hidden size of {type(model).__name__}: it has no HF `config`")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = getattr(text, "hidden_size", None)
+    if not isinstance(size, int):
+        raise ValueError(f"cannot read the hidden size of {type(model).__name__} from its config")
+    return size
+
+
+def check_flow_fits_policy(field: VelocityField, model: nn.Module, *, arg: str = "flow") -> None:
+    """The flow's dim must equal the policy's hidden size."""
+    hidden = policy_hidden_size(model)
+    if field.dim != hidden:
+        raise ValueError(f"{arg} has dim {field.dim} but the policy's hidden size is {hidden}: the flow must be "
+                         f"trained on this policy's latents")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The text decoder layers of `model`, also when each layer is wrapped by FSDP1 or activation checkpointing."""
+    base = unwrap_module(model)
+    try:
+        return find_decoder_layers(base)
+    except ValueError:
+        pass
+    for name, module in base.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if name.split(".")[-1] not in ("layers", "h") or any(t in name.lower() for t in ("vision", "visual", "audio")):
+            continue
+        inner = module[0]
+        for attr in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "module"):
+            inner = getattr(inner, attr, inner)
+        kind = type(inner).__name__
+        if kind.endswith("DecoderLayer") or kind.endswith("Block"):
+            return module
+    return find_decoder_layers(base)  # raises the core's error, which names the candidates
+
+
+def as_bool_mask(name: str, mask: torch.Tensor, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """A 0/1 (any integer, bool or float) mask as bool, checking its values and, if given, its shape."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if shape is not None and tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(mask.shape)}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{name} must hold only 0 and 1")
+    return mask != 0
+
+
+def scored_mask(action_mask: torch.Tensor, attention_mask: torch.Tensor, config: FlowConfig) -> torch.Tensor:
+    """Action tokens whose flow context is a real token of the same row.
+
+    In a padded batch the pair of the last real token (``token_pre``) or of the first
+    (``token_post``) would be a pad; like the sequence ends of DESIGN.md §1 those tokens
+    get no score. ``identity`` pairs a token with itself.
+    """
+    real = attention_mask.bool()
+    T, s = real.shape[1], config.shift
+    context_real = torch.zeros_like(real)
+    if config.context_mode == "identity":
+        context_real = real
+    elif s < T and config.context_mode == "token_pre":
+        context_real[:, :T - s] = real[:, s:]
+    elif s < T:
+        context_real[:, s:] = real[:, :T - s]
+    return action_mask.bool() & real & context_real
+
+
+def last_true(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last True per row of a [B, T] bool mask (rows must have one)."""
+    T = mask.shape[-1]
+    return T - 1 - mask.flip(-1).to(torch.uint8).argmax(-1)
+
+
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum `t` over the ranks of `group` in place when torch.distributed runs with several ranks."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def flow_update(field: VelocityField, optimizer: torch.optim.Optimizer, latents: Sequence[torch.Tensor],
+                layer_fracs: Sequence[float], mask: torch.Tensor, weights: torch.Tensor, config: FlowConfig, *,
+                generator: Optional[torch.Generator] = None, repeats: int = 1, backend: str = "auto",
+                process_group=None) -> Optional[float]:
+    """One optimiser step of flow matching on the masked tokens of a padded batch (DESIGN.md §1, online update).
+
+    Every token selected by `mask` [B, T] (bool) at every hooked layer is a
+    flow-matching target, paired by ``config.context_mode``; row i weighs
+    ``weights[i]`` (1 for a correct rollout, the soft weight otherwise). The loss
+    is the weighted mean over all tokens, layers and ranks: each rank scales its
+    local mean by its share of the global weight and gradients are summed across
+    ranks, so every rank applies the same update to its copy of the flow.
+
+    Returns the global loss, or None when no token has weight anywhere (no step is taken).
+    """
+    device = field.input_proj.weight.device
+    targets, conds, layers, token_w = [], [], [], []
+    for latent, frac in zip(latents, layer_fracs):
+        cond, target, valid = flow_pairs(latent, config.context_mode, config.shift)
+        rows_w = (mask[:, valid].float() * weights.float()[:, None])
+        keep = rows_w > 0
+        targets.append(target[keep])
+        conds.append(cond[keep])
+        token_w.append(rows_w[keep])
+        layers.append(torch.full((int(keep.sum()),), float(frac), device=latent.device))
+    target, cond = torch.cat(targets).to(device), torch.cat(conds).to(device)
+    w, layer = torch.cat(token_w).to(device), torch.cat(layers).to(device)
+    totals = all_reduce_sum(torch.stack([w.sum(), torch.tensor(float(w.numel()), device=device)]).double(),
+                            process_group)
+    global_w = float(totals[0])
+    if global_w <= 0:
+        return None
+    optimizer.zero_grad(set_to_none=False)
+    if w.numel():
+        local = flow_matching_loss(field, target, cond, layer, w, repeats=repeats, generator=generator,
+                                   backend=backend)
+        (local * (float(w.sum()) / global_w)).backward()
+        local_share = local.detach() * (float(w.sum()) / global_w)
+    else:
+        local_share = torch.zeros((), device=device)
+    for p in field.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        all_reduce_sum(p.grad, process_group)
+    optimizer.step()
+    return float(all_reduce_sum(local_share.double().reshape(1), process_group)[0])
+
+
+class LatentRecorder:
+    """Record the hooked-layer latents of every forward pass of a policy, chunk after chunk.
+
+    Trainers run the policy over a rollout batch in micro-batches; this keeps each
+    micro-batch's latents (via `LatentTap`) and `latents` concatenates them along
+    the batch dimension, in call order. Used as a context manager; the hooks are
+    removed on exit.
+    """
+
+    def __init__(self, model: nn.Module, fracs: Sequence[float], *, layers: Optional[nn.ModuleList] = None):
+        from ..tap import LatentTap
+
+        self.base = unwrap_module(model)
+        self.tap = LatentTap(self.base, fracs, decoder_layers=layers if layers is not None else decoder_layers(model))
+        self.layer_fracs = self.tap.layer_fracs
+        self._chunks: list[list[torch.Tensor]] = []
+        self._handle = None
+
+    def _record(self, module, args, output) -> None:
+        self._chunks.append(self.tap.latents)
+
+    def __enter__(self) -> "LatentRecorder":
+        self._chunks = []
+        self.tap.__enter__()
+        self._handle = self.base.register_forward_hook(self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.tap.remove()
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @property
+    def calls(self) -> int:
+        """How many forward passes were recorded."""
+        return len(self._chunks)
+
+    @property
+    def latents(self) -> list[torch.Tensor]:
+        """One [B, T, D] tensor per hooked layer, the recorded micro-batches concatenated."""
+        if not self._chunks:
+            raise RuntimeError("LatentRecorder recorded no forward pass")
+        return [torch.cat(parts) for parts in zip(*self._chunks)]
