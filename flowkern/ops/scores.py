@@ -63,22 +63,19 @@ def _gemm_config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.C
     return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
 
 
-# Plain GEMMs [M, W] x [W, W]^T. First entry: the tile DESIGN §4 measured near cuBLAS on an H200 (also the
-# one config of the interpreter: large blocks keep its program count low). The small ones fit fp32 in smem.
+# Plain GEMMs [M, W] x [W, W]^T; BN a multiple of SLOT. First entry: the tile DESIGN §4 measured near
+# cuBLAS on an H200, and the interpreter's only config (large blocks keep its program count low). Few
+# configs on purpose: each is compiled per epilogue variant on first use (about 20 compilations in all).
 _GEMM_CONFIGS = [
     _gemm_config(128, 256, 64, 8, 3),
-    _gemm_config(128, 256, 32, 8, 4),
+    _gemm_config(128, 256, 32, 8, 4),  # also the one that fits an fp32 field in shared memory
     _gemm_config(128, 128, 64, 4, 4),
-    _gemm_config(128, 128, 64, 8, 3),
-    _gemm_config(64, 128, 32, 4, 3),
 ]
-# adaLN GEMMs carry 2 or 3 accumulators of [BM, BN] each (shift, scale[, gate]).
+# adaLN GEMMs carry 2 or 3 accumulators of [BM, BN] each (shift, scale[, gate]): narrower tiles.
 _MODULATE_CONFIGS = [
     _gemm_config(128, 64, 64, 8, 3),
     _gemm_config(64, 128, 64, 4, 3),
-    _gemm_config(128, 128, 32, 8, 3),
-    _gemm_config(128, 64, 32, 4, 4),
-    _gemm_config(64, 64, 32, 4, 3),
+    _gemm_config(128, 64, 32, 4, 4),  # fits fp32
 ]
 
 
@@ -190,7 +187,9 @@ def _interpolate_kernel(x1_ptr, stride_x1, noise_ptr, stride_nj, stride_nr, out_
     mask = (r[:, None] < n_tok) & (c[None, :] < D)
     r64 = r.to(tl.int64)
     x1 = tl.load(x1_ptr + r64[:, None] * stride_x1 + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    if not HAS_NOISE:
+    if HAS_NOISE:
+        eps = tl.zeros((BM, BD), dtype=tl.float32)  # loaded per timestep below
+    else:
         eps = _normal_tile(seed, row0 + r64, tl.program_id(1) * BD, QD, BM, BD)
     for j in range(J):
         if HAS_NOISE:

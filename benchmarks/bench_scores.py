@@ -1,0 +1,197 @@
+"""Scoring benchmark: eager torch, torch.compile of it, the bare GEMM chain, and the Triton backend.
+
+Usage:
+    python benchmarks/bench_scores.py --device cuda     # the 1.5B and 7B shapes of DESIGN.md §4, bf16
+    python benchmarks/bench_scores.py --device cpu      # a toy shape, fp32, Triton in its CPU interpreter
+
+Prints one table per shape and appends its rows to benchmarks/results/scores.csv (or --csv).
+Each row: median ms, achieved TFLOP/s and its share of the measured bf16 matmul peak, peak extra
+memory, and the time relative to the GEMM chain. FLOPs are counted from the velocity field's modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Shape(NamedTuple):
+    name: str
+    dim: int
+    depth: int
+    layers: int
+    tokens: int  # per layer
+
+
+SHAPES = {
+    "cuda": [Shape("1.5B", 1536, 4, 3, 65536), Shape("7B", 3584, 6, 3, 32768)],
+    "cpu": [Shape("toy", 64, 2, 3, 64)],
+}
+TIMESTEPS = (0.8,)
+LAYER_FRACS = (0.25, 0.5, 0.75)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cuda: the DESIGN.md §4 shapes in bf16; cpu: a toy shape in fp32 (Triton interpreted)")
+    parser.add_argument("--csv", type=Path, default=None,
+                        help="CSV file to append to (default: benchmarks/results/scores.csv)")
+    parser.add_argument("--shapes", nargs="*", default=None, help="subset of shape names to run (default: all)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton (via flowkern) is imported
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from benchmarks.common import RESULTS_DIR, append_csv, matmul_peak_tflops, print_table
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_scores: --device cuda needs a CUDA GPU", file=sys.stderr)
+        return 2
+    shapes = [s for s in SHAPES[args.device] if not args.shapes or s.name in args.shapes]
+    if not shapes:
+        print(f"bench_scores: no shape named {args.shapes} for --device {args.device}", file=sys.stderr)
+        return 2
+    csv_path = args.csv or RESULTS_DIR / "scores.csv"
+    peak = matmul_peak_tflops(device)
+    print(f"measured matmul peak: {peak:.4g} TFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32, CPU'})")
+    for shape in shapes:
+        rows = bench_shape(shape, device, peak, compile_=not args.no_compile)
+        print_table(rows, title=f"flow_scores, {shape.name} shape: D={shape.dim}, K={shape.depth}, "
+                                f"{shape.layers} layers x {shape.tokens} tokens, timesteps {TIMESTEPS}")
+        append_csv(csv_path, rows, device)
+    print(f"\nappended to {csv_path}")
+    return 0
+
+
+def scoring_flops(field, n_rows: int, n_timesteps: int, n_layer_values: int) -> int:
+    """Matmul FLOPs of one scoring call, from the field's Linear modules.
+
+    cond_embed runs once per row; the time and layer embedders once per distinct value; every
+    other Linear once per (row, timestep). Elementwise work is not counted.
+    """
+    import torch
+
+    total = 0
+    for name, module in field.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        flops = 2 * module.in_features * module.out_features
+        if name.startswith("time_embed."):
+            total += flops * n_timesteps
+        elif name.startswith("layer_embed."):
+            total += flops * n_layer_values
+        elif name == "cond_embed":
+            total += flops * n_rows
+        else:
+            total += flops * n_rows * n_timesteps
+    return total
+
+
+def gemm_chain(field, x1, cond, n_timesteps: int) -> Callable[[], None]:
+    """The bare GEMMs of one scoring call (cuBLAS on CUDA), without bias or any elementwise op.
+
+    Same operands and output shapes as the fused pass: cond_embed over the rows, then input_proj,
+    per block the adaLN, MLP-in and MLP-out GEMMs, the final adaLN and the output GEMM over rows x timesteps.
+    """
+    import torch
+
+    rows = x1.shape[0] * n_timesteps
+    width = field.dim
+    dtype = field.input_proj.weight.dtype
+    x = x1.to(dtype).repeat(n_timesteps, 1)
+    c = cond.to(dtype)
+    y = torch.empty(c.shape[0], width, dtype=dtype, device=x.device)
+    s = torch.empty(rows, width, dtype=dtype, device=x.device).normal_()
+    a = torch.empty(rows, width, dtype=dtype, device=x.device)
+    h = torch.empty(rows, width, dtype=dtype, device=x.device)
+    mod = torch.empty(rows, 3 * width, dtype=dtype, device=x.device)
+    weights = {name: p.detach() for name, p in field.named_parameters() if name.endswith("weight")}
+
+    def run() -> None:
+        torch.mm(c, weights["cond_embed.weight"].t(), out=y)
+        torch.mm(x, weights["input_proj.weight"].t(), out=a)
+        for i in range(field.depth):
+            torch.mm(s, weights[f"res_blocks.{i}.adaLN_modulation.1.weight"].t(), out=mod)
+            torch.mm(a, weights[f"res_blocks.{i}.mlp.0.weight"].t(), out=h)
+            torch.mm(h, weights[f"res_blocks.{i}.mlp.2.weight"].t(), out=a)
+        torch.mm(s, weights["final_layer.adaLN_modulation.1.weight"].t(), out=mod[:, :2 * width])
+        torch.mm(a, weights["final_layer.linear.weight"].t(), out=h)
+
+    return run
+
+
+def bench_shape(shape: Shape, device, peak_tflops: float, compile_: bool = True) -> list[dict]:
+    import torch
+
+    from benchmarks.common import peak_extra_memory_bytes, time_ms
+    from flowkern import VelocityField, flow_scores
+    from flowkern.flow import _flow_scores_torch
+
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32  # the interpreter's bf16 is wrong
+    warmup, iters = (3, 10) if on_gpu else (1, 2)
+    torch.manual_seed(0)
+    field = VelocityField(shape.dim, shape.depth)
+    with torch.no_grad():  # random weights everywhere (the default init makes v ≡ 0)
+        for p in field.parameters():
+            p.normal_(0.0, shape.dim ** -0.5 if p.dim() > 1 else 0.02)
+    field = field.to(device=device, dtype=dtype).eval()
+    n = shape.layers * shape.tokens
+    x1 = torch.randn(n, shape.dim, device=device, dtype=dtype)
+    cond = torch.randn(n, shape.dim, device=device, dtype=dtype)
+    layer = torch.tensor(LAYER_FRACS[:shape.layers], device=device).repeat_interleave(shape.tokens)
+    flops = scoring_flops(field, n, len(TIMESTEPS), shape.layers)
+
+    # Parity first, with the same supplied noise: a wrong kernel is not worth timing.
+    noise = torch.randn(n, shape.dim, device=device)
+    ref = flow_scores(field, x1, cond, layer, timesteps=TIMESTEPS, noise=noise, backend="torch")
+    got = flow_scores(field, x1, cond, layer, timesteps=TIMESTEPS, noise=noise, backend="triton")
+    rel_err = float((got - ref).norm() / ref.norm())
+    del noise, ref, got
+
+    def scored(backend: str) -> Callable[[], object]:
+        return lambda: flow_scores(field, x1, cond, layer, timesteps=TIMESTEPS, backend=backend)
+
+    candidates: list[tuple[str, Callable[[], object]]] = [("torch eager", scored("torch"))]
+    if compile_:
+        # On CPU, inductor's C++ build alone takes most of a minute: trace with dynamo, run eagerly.
+        compiled = torch.compile(_flow_scores_torch, backend="inductor" if on_gpu else "aot_eager")
+
+        def run_compiled() -> object:
+            with torch.no_grad():
+                return compiled(field, x1, cond, layer, TIMESTEPS, None, None)
+        candidates.append(("torch.compile" if on_gpu else "torch.compile (aot_eager)", run_compiled))
+    candidates.append(("GEMM chain (cuBLAS)" if on_gpu else "GEMM chain (torch.mm)", gemm_chain(field, x1, cond, len(TIMESTEPS))))
+    candidates.append(("triton", scored("triton")))
+
+    results = []
+    for name, fn in candidates:
+        with torch.no_grad():
+            ms = time_ms(fn, device, warmup=warmup, iters=iters)
+            extra = peak_extra_memory_bytes(fn, device)
+        tflops = flops / (ms * 1e-3) / 1e12
+        results.append({"shape": shape.name, "dtype": str(dtype).removeprefix("torch."), "impl": name,
+                        "ms": ms, "TFLOP/s": tflops, "% peak": 100.0 * tflops / peak_tflops,
+                        "extra GiB": extra / 2**30, "x chain": 0.0,
+                        "rel err": rel_err if name == "triton" else float("nan"), "GFLOP": flops / 1e9})
+    chain_ms = next(r["ms"] for r in results if r["impl"].startswith("GEMM chain"))
+    for r in results:
+        r["x chain"] = r["ms"] / chain_ms
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())
