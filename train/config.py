@@ -1,0 +1,177 @@
+"""`TrainConfig`: every knob of the trainer, validated once with clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from flowkern import FlowConfig
+
+from .task import VERIFIERS, TaskSpec
+
+SHAPINGS = ("none", "flow", "entropy")
+
+
+class ConfigError(ValueError):
+    """A bad trainer setting; the message names the flag and the fix."""
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one trainer run (the defaults are the embedded CPU demo)."""
+
+    out: str = _f("runs/demo", "output directory (checkpoints, metrics, plots, report)")
+    seed: int = _f(0, "seed of the task splits, the model init and every random draw")
+    model: Optional[str] = _f(None, "local HF causal LM directory to use instead of the embedded tiny decoder")
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto")
+    threads: int = _f(0, "torch CPU threads per process (0: cores / processes)")
+    backend: str = _f("auto", "flowkern backend for flow scoring and losses: auto, torch, triton or cuda")
+    resume: bool = _f(False, "continue from the latest checkpoint in --out")
+    init_from: Optional[str] = _f(None, "start from this checkpoint directory (e.g. a finished SFT+flow stage)")
+    stop_after: Optional[str] = _f(None, "stop after this stage: sft, flow or rl")
+    # task
+    n_train: int = _f(20000, "train problems")
+    n_heldout: int = _f(400, "held-out problems (evaluation)")
+    min_ops: int = _f(2, "fewest operations per problem")
+    max_ops: int = _f(3, "most operations per problem")
+    max_operand: int = _f(40, "largest operand")
+    max_value: int = _f(99, "largest intermediate value")
+    verifier: str = _f("auto", "answer checker: auto, exact or math-verify")
+    # embedded policy
+    hidden: int = _f(128, "tiny decoder hidden size")
+    layers: int = _f(4, "tiny decoder layers")
+    heads: int = _f(4, "tiny decoder attention heads")
+    intermediate: int = _f(512, "tiny decoder MLP size")
+    # SFT
+    sft_steps: int = _f(450, "SFT steps on expert traces")
+    sft_batch: int = _f(64, "SFT batch size (global)")
+    sft_lr: float = _f(2e-3, "SFT peak learning rate (warmup then cosine)")
+    # flow
+    flow_steps: int = _f(150, "flow pretraining steps on expert latents (policy frozen)")
+    flow_batch: int = _f(64, "flow pretraining batch size (traces, global)")
+    flow_lr: float = _f(1e-3, "flow pretraining learning rate (Adam)")
+    flow_online_lr: float = _f(1e-4, "online flow update learning rate (Adam)")
+    flow_repeats: int = _f(2, "(t, noise) draws per token in the flow-matching loss")
+    flow_soft: float = _f(0.0, "online flow update weight of incorrect rollouts (0: correct only)")
+    flow_depth: int = _f(2, "velocity field depth K")
+    flow_norm: str = _f("minmax-bil", "flow score normalisation: minmax, minmax-bil, mean or none")
+    flow_threshold: float = _f(0.6, "flow score threshold eta")
+    flow_topk: int = _f(15, "flow rewards kept per sequence (0: all)")
+    flow_coef: float = _f(0.01, "flow reward coefficient beta")
+    flow_context: str = _f("token_pre", "flow context mode: token_pre, token_post or identity")
+    # RL
+    shaping: str = _f("flow", "advantage shaping: none (RLVR), flow (RLFR) or entropy (Cheng et al. 2025)")
+    rl_steps: int = _f(90, "GRPO steps")
+    batch_size: int = _f(128, "rollouts per GRPO step (global) = prompts x group size")
+    group_size: int = _f(8, "samples per prompt n")
+    rl_lr: float = _f(1e-4, "policy learning rate in RL (AdamW)")
+    temperature: float = _f(1.0, "sampling temperature of rollouts")
+    max_new_tokens: int = _f(48, "longest response")
+    clip_eps: float = _f(0.2, "PPO clip range")
+    ppo_epochs: int = _f(1, "policy updates per rollout batch")
+    gamma: float = _f(1.0, "discount of the flow reward-to-go")
+    entropy_alpha: float = _f(0.4, "entropy shaping: alpha * detached entropy")
+    entropy_kappa: float = _f(2.0, "entropy shaping: clip at |advantage| / kappa")
+    # eval and checkpoints
+    eval_every: int = _f(30, "RL steps between held-out evaluations (0: only at the end)")
+    pass_k: int = _f(4, "k of pass@k (k samples per held-out problem)")
+    ckpt_every: int = _f(30, "steps between checkpoints in each stage")
+    keep_ckpts: int = _f(2, "checkpoints kept on disk")
+    report_rollouts: int = _f(8, "rollouts shown in the HTML heat-map")
+    progress: bool = _f(True, "show tqdm progress bars")
+
+    # ------------------------------------------------------------------ derived
+    def task_spec(self) -> TaskSpec:
+        """The task difficulty as a `TaskSpec`."""
+        return TaskSpec(n_ops=(self.min_ops, self.max_ops), max_operand=self.max_operand, max_value=self.max_value)
+
+    def flow_config(self) -> FlowConfig:
+        """The `FlowConfig` of the flow environment."""
+        return FlowConfig(context_mode=self.flow_context, depth=self.flow_depth, norm=self.flow_norm,
+                          threshold=self.flow_threshold, topk=self.flow_topk, coef=self.flow_coef)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field."""
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the config as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, world_size: int = 1) -> "TrainConfig":
+        """Raise `ConfigError` naming the first bad setting; returns self."""
+        if self.shaping not in SHAPINGS:
+            raise ConfigError(f"--shaping must be one of {', '.join(SHAPINGS)}; got {self.shaping!r}")
+        if self.verifier not in VERIFIERS:
+            raise ConfigError(f"--verifier must be one of {', '.join(VERIFIERS)}; got {self.verifier!r}")
+        if self.stop_after not in (None, "sft", "flow", "rl"):
+            raise ConfigError(f"--stop-after must be sft, flow or rl; got {self.stop_after!r}")
+        for name in ("group_size", "batch_size", "sft_batch", "flow_batch", "n_train", "n_heldout", "max_new_tokens",
+                     "pass_k", "ckpt_every", "keep_ckpts", "flow_repeats", "ppo_epochs", "hidden", "layers",
+                     "heads", "intermediate", "flow_depth"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer; got {value!r}")
+        for name in ("sft_steps", "flow_steps", "rl_steps", "eval_every", "threads", "report_rollouts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a non-negative integer; got {value!r}")
+        if self.batch_size % self.group_size:
+            raise ConfigError(f"--group-size {self.group_size} does not divide --batch-size {self.batch_size}: "
+                              f"each GRPO group needs all its {self.group_size} samples in the batch")
+        if world_size > 1:
+            prompts = self.batch_size // self.group_size
+            if prompts % world_size:
+                raise ConfigError(f"{prompts} prompts per step (--batch-size / --group-size) cannot be split "
+                                  f"evenly over {world_size} processes")
+            for name in ("sft_batch", "flow_batch"):
+                if getattr(self, name) % world_size:
+                    raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} is not divisible by "
+                                      f"the {world_size} processes")
+        for name in ("sft_lr", "flow_lr", "flow_online_lr", "rl_lr", "temperature", "entropy_alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive; got {value!r}")
+        if not 0 < self.clip_eps < 1:
+            raise ConfigError(f"--clip-eps must lie in (0, 1); got {self.clip_eps}")
+        if not 0 <= self.gamma <= 1:
+            raise ConfigError(f"--gamma must lie in [0, 1]; got {self.gamma}")
+        if not 0 <= self.flow_soft <= 1:
+            raise ConfigError(f"--flow-soft must lie in [0, 1]; got {self.flow_soft}")
+        if self.entropy_kappa <= 1:
+            raise ConfigError(f"--entropy-kappa must be > 1; got {self.entropy_kappa}")
+        if self.model is not None:
+            path = Path(self.model)
+            if not path.is_dir() or not (path / "config.json").exists():
+                raise ConfigError(f"--model {self.model}: no such local HF model directory (expected config.json "
+                                  f"inside); runs are offline, so hub names cannot be downloaded")
+        if self.init_from is not None and not Path(self.init_from).is_dir():
+            raise ConfigError(f"--init-from {self.init_from}: no such checkpoint directory")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        try:
+            self.task_spec()
+            self.flow_config()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.backend not in ("auto", "torch", "triton", "cuda"):
+            raise ConfigError(f"--backend must be auto, torch, triton or cuda; got {self.backend!r}")
+        return self
+
+
+def tiny_config(**overrides: Any) -> TrainConfig:
+    """A seconds-scale configuration for tests: every stage runs, at a tiny size."""
+    base = dict(n_train=400, n_heldout=16, hidden=32, layers=2, heads=2, intermediate=64, sft_steps=6, sft_batch=16,
+                flow_steps=8, flow_batch=16, rl_steps=3, batch_size=16, group_size=4, max_new_tokens=24,
+                eval_every=0, pass_k=2, ckpt_every=2, report_rollouts=2, progress=False, threads=1)
+    base.update(overrides)
+    return TrainConfig(**base)

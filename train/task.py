@@ -1,0 +1,181 @@
+"""The embedded task: generated multi-step integer arithmetic with a short chain of thought.
+
+A problem is a left-to-right chain such as ``17+25-9`` (the prompt is
+``"17+25-9="``). The expert solution (the generator's own trace) computes one
+operation per step and boxes the result::
+
+    17+25=42, then 42-9=33, so the answer is \\boxed{33}
+
+Problems are drawn from a seeded generator; the train and held-out splits
+come from different seeds and are disjoint (held-out problems never occur in
+the train split).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+try:  # optional extra: `pip install math-verify`
+    import math_verify as _math_verify  # type: ignore
+except Exception:  # pragma: no cover - depends on the environment
+    _math_verify = None
+
+HAS_MATH_VERIFY = _math_verify is not None
+VERIFIERS = ("auto", "exact", "math-verify")
+OPS = ("+", "-", "*")
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One arithmetic problem: its prompt, expert solution and integer answer."""
+
+    prompt: str
+    solution: str
+    answer: int
+
+    @property
+    def text(self) -> str:
+        """Prompt followed by the expert solution (an SFT / flow-pretraining trace)."""
+        return self.prompt + self.solution
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Difficulty knobs of the generated task.
+
+    Attributes:
+        n_ops: number of operations per problem (min, max), inclusive.
+        max_operand: operands are drawn from [1, max_operand].
+        max_value: every intermediate result stays in [0, max_value].
+        ops: the operators that may appear ("+", "-", "*"); "*" uses operands ≤ 9.
+    """
+
+    n_ops: tuple[int, int] = (2, 3)
+    max_operand: int = 40
+    max_value: int = 99
+    ops: tuple[str, ...] = ("+", "-")
+
+    def __post_init__(self) -> None:
+        lo, hi = self.n_ops
+        if not 1 <= lo <= hi:
+            raise ValueError(f"TaskSpec.n_ops must satisfy 1 <= min <= max, got {self.n_ops}")
+        if self.max_operand < 1 or self.max_value < self.max_operand:
+            raise ValueError(f"TaskSpec needs 1 <= max_operand <= max_value, got {self.max_operand}, {self.max_value}")
+        bad = [op for op in self.ops if op not in OPS]
+        if not self.ops or bad:
+            raise ValueError(f"TaskSpec.ops must be a non-empty subset of {OPS}, got {self.ops}")
+
+
+def _step(rng: random.Random, value: int, spec: TaskSpec) -> tuple[str, int]:
+    """One operation applied to `value` that keeps the result inside [0, max_value]."""
+    choices = []
+    if "+" in spec.ops and value + 1 <= spec.max_value:
+        choices.append("+")
+    if "-" in spec.ops and value >= 1:
+        choices.append("-")
+    if "*" in spec.ops and 2 * value <= spec.max_value and value >= 1:
+        choices.append("*")
+    op = rng.choice(choices or ["+"])
+    if op == "+":
+        b = rng.randint(1, min(spec.max_operand, spec.max_value - value))
+        return op, b
+    if op == "-":
+        b = rng.randint(1, min(spec.max_operand, value))
+        return op, b
+    b = rng.randint(2, max(2, min(9, spec.max_value // value)))
+    return op, b
+
+
+def make_problem(rng: random.Random, spec: TaskSpec) -> Problem:
+    """Draw one problem from `rng` and write its expert chain of thought."""
+    n = rng.randint(*spec.n_ops)
+    first = rng.randint(1, min(spec.max_operand, spec.max_value))
+    expr, value, steps = str(first), first, []
+    for _ in range(n):
+        op, b = _step(rng, value, spec)
+        new = value + b if op == "+" else value - b if op == "-" else value * b
+        steps.append(f"{value}{op}{b}={new}")
+        expr += f"{op}{b}"
+        value = new
+    chain = steps[0] + "".join(f", then {s}" for s in steps[1:])
+    return Problem(prompt=f"{expr}=", solution=f"{chain}, so the answer is \\boxed{{{value}}}", answer=value)
+
+
+def make_splits(seed: int, n_train: int, n_heldout: int, spec: Optional[TaskSpec] = None
+                ) -> tuple[list[Problem], list[Problem]]:
+    """Seeded, disjoint (train, held-out) splits.
+
+    The held-out split is drawn first from ``Random(seed * 2 + 1)``; the train
+    split from ``Random(seed * 2)``, skipping any prompt that is held out.
+    """
+    spec = spec or TaskSpec()
+    rng_h, rng_t = random.Random(seed * 2 + 1), random.Random(seed * 2)
+    heldout, seen = [], set()
+    for _ in range(50 * n_heldout + 100):
+        if len(heldout) == n_heldout:
+            break
+        p = make_problem(rng_h, spec)
+        if p.prompt not in seen:
+            seen.add(p.prompt)
+            heldout.append(p)
+    if len(heldout) < n_heldout:
+        raise ValueError(f"the task space is too small for {n_heldout} distinct held-out problems")
+    train: list[Problem] = []
+    for _ in range(50 * n_train + 100):
+        if len(train) == n_train:
+            break
+        p = make_problem(rng_t, spec)
+        if p.prompt not in seen:
+            train.append(p)
+    if len(train) < n_train:
+        raise ValueError(f"the task space is too small for {n_train} train problems outside the held-out split")
+    return train, heldout
+
+
+def extract_boxed(text: str) -> Optional[str]:
+    """Content of the last ``\\boxed{...}`` in `text` (spaces removed), or None."""
+    found = _BOXED.findall(text)
+    return found[-1].replace(" ", "") if found else None
+
+
+def verify(response: str, answer: object, method: str = "auto") -> bool:
+    """Whether `response` boxes the right answer.
+
+    Methods:
+        ``exact``: the boxed content parses as an integer equal to `answer`
+        (the embedded task's checker).
+        ``math-verify``: `math_verify.parse` / `math_verify.verify` on the boxed
+        expression (needs the optional ``math-verify`` package).
+        ``auto``: exact integer match when `answer` is an integer, otherwise
+        math-verify when installed, otherwise normalised string equality.
+    """
+    if method not in VERIFIERS:
+        raise ValueError(f"verifier must be one of {VERIFIERS}, got {method!r}")
+    boxed = extract_boxed(response)
+    if boxed is None:
+        return False
+    if method == "math-verify" or (method == "auto" and not isinstance(answer, int) and HAS_MATH_VERIFY):
+        if not HAS_MATH_VERIFY:
+            raise RuntimeError("verifier 'math-verify' needs the optional package: pip install math-verify")
+        gold = _math_verify.parse(f"\\boxed{{{answer}}}")
+        pred = _math_verify.parse(f"\\boxed{{{boxed}}}")
+        return bool(_math_verify.verify(gold, pred))
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        try:
+            return int(boxed) == answer
+        except ValueError:
+            return False
+    return boxed == str(answer).replace(" ", "")
+
+
+def verify_batch(responses: Sequence[str], answers: Iterable[object], method: str = "auto") -> list[bool]:
+    """`verify` over aligned lists of responses and answers."""
+    return [verify(r, a, method) for r, a in zip(responses, answers)]
+
+
+WORDS = ("then", "so", "the", "answer", "is")
+SYMBOLS = tuple("0123456789+-*=,")
