@@ -1,0 +1,276 @@
+"""The verl integration against the real verl: the grpo_flow estimator through verl's own compute_advantage on a
+DataProto, and FlowRewardHook on a tiny HF model in verl's padded layout.
+
+Skipped without verl, except under FLOWKERN_REQUIRE_INTEGRATIONS=1 (CI), where a missing verl fails.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from flowkern import FlowConfig, LatentTap, VelocityField, flow_reward, shape_advantages
+
+REQUIRED = os.environ.get("FLOWKERN_REQUIRE_INTEGRATIONS") == "1"
+HIDDEN = 32
+
+
+def need(name: str):
+    """Import `name`, skipping the test where it is absent, unless CI requires the integrations."""
+    if REQUIRED:
+        return importlib.import_module(name)
+    return pytest.importorskip(name)
+
+
+@pytest.fixture(scope="module")
+def verl_integration():
+    need("verl")
+    from flowkern.integrations import verl as integration
+
+    integration.register()
+    return integration
+
+
+def test_missing_verl_raises_import_error_naming_the_extra():
+    done = subprocess.run([sys.executable, "-c", "import sys\nsys.modules['verl'] = None\n"
+                           "try:\n    import flowkern.integrations.verl\nexcept ImportError as e:\n    print(e)\n"
+                           "else:\n    print('imported')"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "pip install flowkern[verl]" in done.stdout
+
+
+# --------------------------------------------------------------------------- estimator
+
+def test_registered_estimator_is_ours(verl_integration):
+    from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+
+    assert get_adv_estimator_fn("grpo_flow") is verl_integration.compute_grpo_flow_advantage
+    assert verl_integration.register() is verl_integration.compute_grpo_flow_advantage  # idempotent
+
+
+def rollout_batch(seed: int = 0):
+    """uids shuffled, groups of 4, 4 and 3, right-padded responses; outcome on the last response token."""
+    g = torch.Generator().manual_seed(seed)
+    uids = np.array(["a"] * 4 + ["b"] * 4 + ["c"] * 3, dtype=object)
+    B, R = len(uids), 7
+    lengths = torch.randint(1, R + 1, (B,), generator=g)
+    lengths[0] = R
+    mask = torch.arange(R)[None] < lengths[:, None]
+    flow = torch.randn(B, R, generator=g) * 0.01 * (torch.rand(B, R, generator=g) < 0.5)
+    flow = flow.masked_fill(~mask, 0.0)
+    last = lengths - 1
+    flow[torch.arange(B), last] = 0.0
+    outcome = torch.randint(0, 2, (B,), generator=g).float()
+    outcome[8:] = torch.tensor([1.0, 0.0, 1.0])
+    scores = flow.clone()
+    scores[torch.arange(B), last] = outcome
+    perm = torch.randperm(B, generator=g)
+    return uids[perm.numpy()], scores[perm], mask[perm].long(), outcome[perm], flow[perm]
+
+
+def data_proto(uids, scores, mask):
+    from verl import DataProto
+
+    return DataProto.from_dict(tensors={"token_level_rewards": scores, "response_mask": mask},
+                               non_tensors={"uid": uids})
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_verl_compute_advantage_equals_shape_advantages(verl_integration, gamma):
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    uids, scores, mask, outcome, flow = rollout_batch()
+    data = compute_advantage(data_proto(uids, scores, mask), adv_estimator="grpo_flow", num_repeat=4,
+                             config=AlgoConfig(gamma=gamma, adv_estimator="grpo_flow"))
+    advantages = data.batch["advantages"]
+    assert advantages.shape == scores.shape
+    assert torch.equal(data.batch["returns"], advantages)
+    seen = 0
+    for uid in sorted(set(uids)):
+        rows = torch.tensor([i for i, u in enumerate(uids) if u == uid])
+        expected = shape_advantages(outcome[rows], flow[rows], mask[rows].bool(), len(rows), gamma)
+        torch.testing.assert_close(advantages[rows], expected, rtol=1e-6, atol=1e-7)
+        seen += len(rows)
+    assert seen == len(uids)
+    assert bool((flow != 0).any()) and bool((advantages != 0).any())
+
+
+def test_without_flow_rewards_grpo_flow_equals_verl_grpo(verl_integration):
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    uids, scores, mask, outcome, flow = rollout_batch(seed=1)
+    outcome_only = scores - flow
+    ours = compute_advantage(data_proto(uids, outcome_only.clone(), mask), adv_estimator="grpo_flow",
+                             config=AlgoConfig(adv_estimator="grpo_flow")).batch["advantages"]
+    theirs = compute_advantage(data_proto(uids, outcome_only.clone(), mask), adv_estimator="grpo",
+                               config=AlgoConfig(adv_estimator="grpo")).batch["advantages"]
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_estimator_refuses_misaligned_rewards_and_dr_grpo(verl_integration):
+    uids, scores, mask, _, _ = rollout_batch()
+    fn = verl_integration.compute_grpo_flow_advantage
+    short = mask.argmin(dim=1).nonzero()[:, 0]  # a row with padding
+    bad = scores.clone()
+    row = int(short[0])
+    bad[row, -1] = 0.5
+    with pytest.raises(ValueError, match="outside response_mask"):
+        fn(bad, mask, index=uids)
+    with pytest.raises(ValueError, match="response_mask must have shape"):
+        fn(scores, mask[:, :-1], index=uids)
+    with pytest.raises(ValueError, match="index has"):
+        fn(scores, mask, index=uids[:-1])
+    with pytest.raises(ValueError, match="norm_adv_by_std_in_grpo"):
+        fn(scores, mask, index=uids, config={"norm_adv_by_std_in_grpo": False})
+
+
+# --------------------------------------------------------------------------- FlowRewardHook
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval()
+
+
+def random_field(depth: int, seed: int = 0) -> VelocityField:
+    torch.manual_seed(seed)
+    field = VelocityField(HIDDEN, depth)
+    with torch.no_grad():
+        for p in field.parameters():
+            p.normal_(0.0, 0.2 if p.dim() > 1 else 0.1)
+    return field
+
+
+def verl_batch(prompt_lens, response_lens, P=5, R=6, seed=0):
+    """verl's layout: left-padded prompts then right-padded responses, verl-style position ids."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(prompt_lens)
+    prompts = torch.zeros(B, P, dtype=torch.long)
+    responses = torch.zeros(B, R, dtype=torch.long)
+    prompt_mask = torch.zeros(B, P, dtype=torch.long)
+    response_mask = torch.zeros(B, R, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_lens, response_lens)):
+        prompts[i, P - p:] = torch.randint(3, 64, (p,), generator=g)
+        prompt_mask[i, P - p:] = 1
+        responses[i, :r] = torch.randint(3, 64, (r,), generator=g)
+        response_mask[i, :r] = 1
+    input_ids = torch.cat([prompts, responses], 1)
+    attention_mask = torch.cat([prompt_mask, response_mask], 1)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
+    return input_ids, attention_mask, responses, response_mask, position_ids
+
+
+CONFIGS = {
+    "paper": FlowConfig(depth=2, norm="minmax-bil", threshold=0.2, topk=4, coef=0.05),
+    "token_post": FlowConfig(depth=2, context_mode="token_post", norm="minmax", threshold=0.0, topk=0, coef=0.05),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_hook_aligns_rewards_to_verl_response_layout(verl_integration, name):
+    config = CONFIGS[name]
+    model = tiny_llama()
+    field = random_field(config.depth)
+    hook = verl_integration.FlowRewardHook(model, field, config, micro_batch_size=2)
+    prompt_lens, response_lens = [3, 5, 1, 4], [6, 4, 2, 1]
+    input_ids, attention_mask, responses, response_mask, position_ids = verl_batch(prompt_lens, response_lens)
+    B, L = input_ids.shape
+    R = responses.shape[1]
+    noise = [torch.randn(B, L, HIDDEN, generator=torch.Generator().manual_seed(10 + i))
+             for i in range(len(config.hook_layers))]
+    rewards = hook.flow_rewards(input_ids, attention_mask, responses, response_mask, position_ids=position_ids,
+                                noise=noise)
+    assert rewards.shape == (B, R) and rewards.dtype == torch.float32
+    assert not bool(rewards[response_mask == 0].any())
+    last = torch.tensor(response_lens) - 1
+    assert not bool(rewards[torch.arange(B), last].any()), "a flow reward sits on the outcome's token"
+    assert bool((rewards != 0).any())
+
+    # Reference: each row alone, without padding, through the core flow_reward.
+    for i in range(B):
+        keep = attention_mask[i].bool()
+        ids = input_ids[i, keep][None]
+        n_prompt, n_resp = prompt_lens[i], response_lens[i]
+        with torch.no_grad(), LatentTap(model, config.hook_layers) as tap:
+            model(input_ids=ids)
+        action = torch.zeros(1, ids.shape[1], dtype=torch.bool)
+        action[0, n_prompt:n_prompt + n_resp - 1] = True  # every response token but the last
+        row = flow_reward(field, tap.latents, action, config, layer_fracs=tap.layer_fracs,
+                          noise=[nz[i, keep][None] for nz in noise])[0, n_prompt:]
+        expected = torch.zeros(R)
+        expected[:n_resp] = row
+        torch.testing.assert_close(rewards[i], expected, rtol=1e-4, atol=1e-6, msg=f"row {i}")
+
+
+def test_hook_reads_a_verl_dataproto(verl_integration):
+    from verl import DataProto
+
+    config = CONFIGS["paper"]
+    model = tiny_llama()
+    input_ids, attention_mask, responses, response_mask, position_ids = verl_batch([2, 4], [5, 3])
+    data = DataProto.from_dict(tensors={"input_ids": input_ids, "attention_mask": attention_mask,
+                                        "responses": responses, "response_mask": response_mask,
+                                        "position_ids": position_ids})
+    hook = verl_integration.FlowRewardHook(model, random_field(config.depth), config, seed=3)
+    from_data = hook(data)
+    again = verl_integration.FlowRewardHook(model, random_field(config.depth), config, seed=3)
+    direct = again.flow_rewards(input_ids, attention_mask, responses, response_mask, position_ids=position_ids)
+    torch.testing.assert_close(from_data, direct, rtol=0, atol=0)
+
+
+def test_hook_rewards_plus_outcome_feed_the_estimator(verl_integration):
+    config = CONFIGS["paper"]
+    hook = verl_integration.FlowRewardHook(tiny_llama(), random_field(config.depth), config)
+    input_ids, attention_mask, responses, response_mask, position_ids = verl_batch([2, 4, 3, 5], [6, 3, 5, 2])
+    flow = hook.flow_rewards(input_ids, attention_mask, responses, response_mask, position_ids=position_ids)
+    outcome = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    scores = flow.clone()
+    scores[torch.arange(4), response_mask.sum(1) - 1] += outcome  # verl's reward manager: the last response token
+    adv, _ = verl_integration.compute_grpo_flow_advantage(scores, response_mask, index=["u"] * 4)
+    torch.testing.assert_close(adv, shape_advantages(outcome, flow, response_mask.bool(), 4))
+
+
+def test_update_flow_trains_on_correct_rollouts_only(verl_integration):
+    config = CONFIGS["paper"]
+    model = tiny_llama()
+    hook = verl_integration.FlowRewardHook(model, random_field(config.depth), config, lr=1e-2)
+    batch = verl_batch([2, 4, 3], [6, 3, 5])
+    before = {k: v.clone() for k, v in hook.field.state_dict().items()}
+    assert hook.update_flow(*batch[:4], torch.tensor([False, False, False]), position_ids=batch[4]) is None
+    assert all(torch.equal(before[k], v) for k, v in hook.field.state_dict().items())
+    _, latents = hook.flow_rewards(*batch[:4], position_ids=batch[4], return_latents=True)
+    loss = hook.update_flow(*batch[:4], torch.tensor([True, False, True]), latents=latents)
+    assert loss is not None and loss > 0
+    assert any(not torch.equal(before[k], v) for k, v in hook.field.state_dict().items())
+
+
+def test_hook_refuses_bad_input(verl_integration):
+    config = CONFIGS["paper"]
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"dim 16 but the policy's hidden size is 32"):
+        verl_integration.FlowRewardHook(model, VelocityField(16, config.depth), config)
+    with pytest.raises(ValueError, match="flow_config is missing"):
+        verl_integration.FlowRewardHook(model, VelocityField(HIDDEN, config.depth))
+    hook = verl_integration.FlowRewardHook(model, random_field(config.depth), config)
+    input_ids, attention_mask, responses, response_mask, _ = verl_batch([2, 4], [5, 3])
+    with pytest.raises(ValueError, match="responses differ from the last R columns"):
+        hook.flow_rewards(input_ids, attention_mask, responses.flip(1), response_mask)
+    with pytest.raises(ValueError, match="response_mask must have shape"):
+        hook.flow_rewards(input_ids, attention_mask, responses, response_mask[:, :-1])
+    shifted = response_mask.roll(1, dims=1)
+    with pytest.raises(ValueError, match="misaligned"):
+        hook.flow_rewards(input_ids, attention_mask, responses, shifted)
+    with pytest.raises(ValueError, match=r"correct must be a \[2\] tensor"):
+        hook.update_flow(input_ids, attention_mask, responses, response_mask, torch.tensor([True]))
