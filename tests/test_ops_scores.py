@@ -152,10 +152,11 @@ def _seed_of(generator_seed: int) -> int:
 def test_seeded_scores_use_exactly_seeded_noise(monkeypatch):
     """noise=None draws ε in-kernel; the same ε supplied to the torch reference gives the same scores.
 
-    Run over several chunks, so the noise must follow the global row, not the chunk; the interpolation
-    and score kernels use different tile widths, so they must agree on the column layout too.
+    Run over several chunks, so the noise must follow the global row, not the chunk; D spans two column
+    tiles of the interpolation kernel but one of the score kernel, so their column layouts must agree.
     """
-    dim, n, taus = 96, 70, (0.3, 0.8)
+    dim, n, taus = 160, 70, (0.3, 0.8)
+    assert scores._NOISE_TILE[1] < dim <= scores._GEMM_CONFIGS[0].kwargs["BN"]
     field = _field(dim, 2, torch.float32, seed=5)
     x1, cond, layer = _inputs(n, dim, seed=5)
     monkeypatch.setattr(scores, "MAX_CHUNK_BYTES", 32 * len(taus) * (scores._N_BUFFERS * dim * 4 + 8))
