@@ -74,13 +74,20 @@ def row_tiling(rows: int, width: int, device: torch.device) -> RowTiling:
 
 # --------------------------------------------------------------------------- shared helpers
 
-@triton.jit
+def _device_fn(fn):
+    """``@triton.jit`` for a device helper; a plain function under the interpreter, which re-patches
+    ``triton.language`` on every call of a nested jit function (~3 ms each, ~250 calls per training
+    step). The interpreter runs the kernel bodies as Python either way, with the same tl calls."""
+    return fn if interpreting() else triton.jit(fn)
+
+
+@_device_fn
 def _rnd(x, DT: tl.constexpr):
     """Round fp32 `x` to the activation dtype and back (the reference's intermediate rounding)."""
     return x.to(DT).to(tl.float32)
 
 
-@triton.jit
+@_device_fn
 def _tile(row0, rows, width, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Row indices [BLOCK_M] (int32 and int64), their mask, and the [BLOCK_M, BLOCK_D] tile mask."""
     r = row0 + tl.arange(0, BLOCK_M)
@@ -90,20 +97,20 @@ def _tile(row0, rows, width, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     return r, r.to(tl.int64), rmask, mask
 
 
-@triton.jit
+@_device_fn
 def _load(ptr, r64, stride, mask, BLOCK_D: tl.constexpr):
     """A [BLOCK_M, BLOCK_D] fp32 tile of rows `r64` of a row-major matrix with row stride `stride`."""
     cols = tl.arange(0, BLOCK_D)
     return tl.load(ptr + r64[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
-@triton.jit
+@_device_fn
 def _store(ptr, r64, stride, value, mask, BLOCK_D: tl.constexpr):
     cols = tl.arange(0, BLOCK_D)
     tl.store(ptr + r64[:, None] * stride + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@_device_fn
 def _store_partial(part_ptr, pid, slot, n_slots, width, acc, BLOCK_D: tl.constexpr):
     """Write a program's column partial sum `acc` [BLOCK_D] to ``part[pid, slot, :width]``."""
     cols = tl.arange(0, BLOCK_D)
@@ -111,7 +118,7 @@ def _store_partial(part_ptr, pid, slot, n_slots, width, acc, BLOCK_D: tl.constex
     tl.store(part_ptr + base + cols, acc, mask=cols < width)
 
 
-@triton.jit
+@_device_fn
 def _std_normal(seed, r64, BLOCK_D: tl.constexpr):
     """ε ~ N(0, 1) for rows `r64` × columns: Philox-4x32 keyed by `seed`, counter (column, row lo, row hi, 0),
     then Box–Muller. A pure function of (seed, row, column): the backward pass regenerates the same ε."""
@@ -129,7 +136,7 @@ def _std_normal(seed, r64, BLOCK_D: tl.constexpr):
     return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
 
 
-@triton.jit
+@_device_fn
 def _noise(noise_ptr, noise_stride, seed_ptr, r64, mask, HAS_NOISE: tl.constexpr, BLOCK_D: tl.constexpr):
     """ε for rows `r64`: loaded from the caller's noise, or regenerated from the Philox seed."""
     if HAS_NOISE:
@@ -139,19 +146,19 @@ def _noise(noise_ptr, noise_stride, seed_ptr, r64, mask, HAS_NOISE: tl.constexpr
     return eps
 
 
-@triton.jit
+@_device_fn
 def _modulate(a, rstd, w, shift, scale, DT: tl.constexpr):
     """``h = (w · cast(a·rstd)) · (1 + scale) + shift`` with the reference's roundings; fp32 in and out."""
     n = _rnd(w[None, :] * _rnd(a * rstd[:, None], DT), DT)
     return _rnd(n * _rnd(1.0 + scale, DT), DT) + shift
 
 
-@triton.jit
+@_device_fn
 def _silu(z):
     return z * tl.sigmoid(z)
 
 
-@triton.jit
+@_device_fn
 def _dsilu(z):
     """d silu(z) / dz = σ(z) · (1 + z · (1 - σ(z)))."""
     s = tl.sigmoid(z)
@@ -336,12 +343,15 @@ def modulate_bwd_kernel(dh_ptr, dscale_ptr, d_stride, a_ptr, rstd_ptr, scale_ptr
         acc_scale += tl.sum(dscale, axis=0)
         if SUM_DA:
             acc_da += tl.sum(da, axis=0)
-    n_slots = 4 if SUM_DA else 3
-    _store_partial(part_ptr, pid, 0, n_slots, width, acc_w, BLOCK_D)
-    _store_partial(part_ptr, pid, 1, n_slots, width, acc_shift, BLOCK_D)
-    _store_partial(part_ptr, pid, 2, n_slots, width, acc_scale, BLOCK_D)
     if SUM_DA:
-        _store_partial(part_ptr, pid, 3, n_slots, width, acc_da, BLOCK_D)
+        _store_partial(part_ptr, pid, 0, 4, width, acc_w, BLOCK_D)
+        _store_partial(part_ptr, pid, 1, 4, width, acc_shift, BLOCK_D)
+        _store_partial(part_ptr, pid, 2, 4, width, acc_scale, BLOCK_D)
+        _store_partial(part_ptr, pid, 3, 4, width, acc_da, BLOCK_D)
+    else:
+        _store_partial(part_ptr, pid, 0, 3, width, acc_w, BLOCK_D)
+        _store_partial(part_ptr, pid, 1, 3, width, acc_shift, BLOCK_D)
+        _store_partial(part_ptr, pid, 2, 3, width, acc_scale, BLOCK_D)
 
 
 @triton.jit
