@@ -274,3 +274,47 @@ def test_hook_refuses_bad_input(verl_integration):
         hook.flow_rewards(input_ids, attention_mask, responses, shifted)
     with pytest.raises(ValueError, match=r"correct must be a \[2\] tensor"):
         hook.update_flow(input_ids, attention_mask, responses, response_mask, torch.tensor([True]))
+
+
+FSDP_SCRIPT = r'''
+import copy, sys, torch, torch.distributed as dist
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from flowkern import FlowConfig, VelocityField
+from flowkern.integrations.verl import FlowRewardHook
+
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2)
+flow_config = FlowConfig(depth=2, norm="minmax", threshold=0.0, topk=0)
+field = VelocityField(32, 2)
+ids = torch.randint(3, 64, (2, 9))
+attention = torch.ones_like(ids)
+bare = LlamaForCausalLM(config).eval()
+
+def rewards(module):
+    hook = FlowRewardHook(module, copy.deepcopy(field), flow_config, seed=1)
+    return hook.flow_rewards(ids, attention, ids[:, 5:], attention[:, 5:])
+
+reference = rewards(bare)
+fsdp2 = copy.deepcopy(bare)
+for layer in fsdp2.model.layers:
+    fully_shard(layer)
+fully_shard(fsdp2)
+fsdp1 = FullyShardedDataParallel(copy.deepcopy(bare), auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+                                 device_id=torch.device("cpu"), use_orig_params=True)
+assert bool((reference != 0).any())
+for name, module in (("fsdp2", fsdp2), ("fsdp1", fsdp1)):
+    torch.testing.assert_close(rewards(module), reference, rtol=1e-5, atol=1e-7, msg=name)
+dist.destroy_process_group()
+print("fsdp ok")
+'''
+
+
+def test_hook_on_fsdp_wrapped_actor_matches_the_bare_module(verl_integration, tmp_path):
+    done = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, str(tmp_path / "pg")], capture_output=True, text=True,
+                          timeout=240, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0 and "fsdp ok" in done.stdout, done.stderr[-3000:]
