@@ -152,11 +152,12 @@ def _seed_of(generator_seed: int) -> int:
 def test_seeded_scores_use_exactly_seeded_noise(monkeypatch):
     """noise=None draws ε in-kernel; the same ε supplied to the torch reference gives the same scores.
 
-    Run over several chunks, so the noise must follow the global row, not the chunk; D spans two column
-    tiles of the interpolation kernel but one of the score kernel, so their column layouts must agree.
+    Run over several chunks, so the noise must follow the global row, not the chunk; the interpolation
+    and score kernels split D into different column tiles, so their column layouts must agree.
     """
     dim, n, taus = 160, 70, (0.3, 0.8)
-    assert scores._NOISE_TILE[1] < dim <= scores._GEMM_CONFIGS[0].kwargs["BN"]
+    widths = (scores._NOISE_TILE[1], scores._SCORE_CONFIGS[0].kwargs["BN"])
+    assert widths[0] != widths[1] and dim > min(widths)
     field = _field(dim, 2, torch.float32, seed=5)
     x1, cond, layer = _inputs(n, dim, seed=5)
     monkeypatch.setattr(scores, "MAX_CHUNK_BYTES", 32 * len(taus) * (scores._N_BUFFERS * dim * 4 + 8))
@@ -222,7 +223,7 @@ def test_seeded_scores_of_a_zero_field_measure_the_noise():
 
 def test_producer_tiles_align_with_partial_slots():
     """Row reductions are written per 64-column slot: every producer tile must cover whole slots."""
-    for config in scores._GEMM_CONFIGS:
+    for config in scores._GEMM_CONFIGS + scores._SCORE_CONFIGS:
         assert config.kwargs["BN"] % scores._SLOT == 0, config
     assert scores._NOISE_TILE[1] % 4 == 0
 

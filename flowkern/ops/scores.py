@@ -54,7 +54,7 @@ _N_BUFFERS = 5
 MAX_CHUNK_BYTES = 384 * 2**20
 SLOT = tl.constexpr(64)  # columns per partial row sum; producers' BN must be a multiple of it
 _SLOT = 64
-_NOISE_TILE = (64, 128)  # (rows, cols) of `_interpolate_kernel`'s programs
+_NOISE_TILE = (16, 256)  # (rows, cols) of `_interpolate_kernel`'s programs
 
 _EPI_RMS, _EPI_SILU, _EPI_RESID = 0, 1, 2
 
@@ -76,6 +76,12 @@ _MODULATE_CONFIGS = [
     _gemm_config(128, 64, 64, 8, 3),
     _gemm_config(64, 128, 64, 4, 3),
     _gemm_config(128, 64, 32, 4, 4),  # fits fp32
+]
+# The output GEMM's epilogue runs Philox on its tile: at BN=256 it spills ~1.8 KB per thread on sm_90
+# (ptxas, triton 3.8), at 128x128 with 8 warps ~120 B. Both fit an fp32 field in shared memory.
+_SCORE_CONFIGS = [
+    _gemm_config(128, 128, 64, 8, 3),
+    _gemm_config(128, 64, 64, 4, 4),
 ]
 
 
@@ -218,15 +224,16 @@ def _cond_kernel(c_ptr, stride_c, w_ptr, b_ptr, lemb_ptr, idx_ptr, temb_ptr, s_p
     row_ok = rm < n_tok
     col_ok = rn < N
     mask = row_ok[:, None] & col_ok[None, :]
-    ce = _rnd(acc + tl.load(b_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :], DT)
+    # ce and le stay in the field dtype across the timestep loop (they are rounded to it anyway): half the registers
+    ce = (acc + tl.load(b_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]).to(DT)
     if HAS_IDX:
         li = tl.load(idx_ptr + rm, mask=row_ok, other=0).to(tl.int64)
     else:
         li = tl.zeros((BM,), dtype=tl.int64)
-    le = tl.load(lemb_ptr + li[:, None] * N + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    le = tl.load(lemb_ptr + li[:, None] * N + rn[None, :], mask=mask, other=0.0)
     for j in range(J):
         te = tl.load(temb_ptr + j * N + rn, mask=col_ok, other=0.0).to(tl.float32)
-        y = _rnd(_rnd(ce + te[None, :], DT) + le, DT)
+        y = _rnd(_rnd(ce.to(tl.float32) + te[None, :], DT) + le.to(tl.float32), DT)
         out = s_ptr + (j * n_tok + rm.to(tl.int64))[:, None] * N + rn[None, :]
         tl.store(out, _silu(y).to(DT), mask=mask)
 
@@ -305,7 +312,7 @@ def _modulate_kernel(s_ptr, w_ptr, b_ptr, a_ptr, lnw_ptr, part_ptr, h_ptr, gate_
 # Output GEMM [M, W] x [D, W]^T with the loss epilogue: 2·M·W·D FLOPs; bytes ≈ M·W·e (h) + n·D·e_in (x1,
 # shared by the J timestep rows, L2-resident) [+ ε when supplied] + M·D/16 (partials); ALU ≈ 40 ops per
 # element to regenerate ε. 1.5B shape: 0.93 TFLOP -> 1.19 ms vs 1.2 GB -> 0.29 ms: compute-bound.
-@triton.autotune(configs=prune_configs(_GEMM_CONFIGS), key=["N", "K"])
+@triton.autotune(configs=prune_configs(_SCORE_CONFIGS), key=["N", "K"])
 @triton.jit(do_not_specialize=["row0", "seed"])
 def _score_kernel(h_ptr, w_ptr, b_ptr, x1_ptr, stride_x1, noise_ptr, stride_nj, stride_nr, weight_ptr, part_ptr,
                   M, n_tok, N, K, n_slots, row0, seed, QD,
@@ -320,7 +327,7 @@ def _score_kernel(h_ptr, w_ptr, b_ptr, x1_ptr, stride_x1, noise_ptr, stride_nj, 
     row_ok = rm < M
     col_ok = rn < N
     mask = row_ok[:, None] & col_ok[None, :]
-    v = _rnd(acc + tl.load(b_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :], DT)
+    v = (acc + tl.load(b_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]).to(DT)  # frees acc's registers
     j = rm // n_tok
     tok = (rm % n_tok).to(tl.int64)
     x1 = tl.load(x1_ptr + tok[:, None] * stride_x1 + rn[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -329,7 +336,7 @@ def _score_kernel(h_ptr, w_ptr, b_ptr, x1_ptr, stride_x1, noise_ptr, stride_nj, 
                       mask=mask, other=0.0).to(tl.float32)
     else:
         eps = _normal_tile(seed, row0 + tok, pid_n * BN, QD, BM, BN)
-    diff = v - (x1 - eps)
+    diff = v.to(tl.float32) - (x1 - eps)
     weight = tl.load(weight_ptr + j, mask=row_ok, other=0.0)
     _store_slot_sums(part_ptr, tl.where(mask, diff * diff, 0.0) * weight[:, None], rm, pid_n, M, n_slots, BM, BN)
 
