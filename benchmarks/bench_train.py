@@ -135,7 +135,8 @@ def bench_shape(shape: Shape, device, peak_tflops: float, compile_: bool = True)
     if compile_:
         # On CPU inductor's C++ build alone takes most of a minute: trace with dynamo, run eagerly.
         impls.append(("torch.compile" if on_gpu else "torch.compile (aot_eager)",
-                      torch.compile(_flow_matching_loss_torch, backend="inductor" if on_gpu else "aot_eager")))
+                      torch.compile(_flow_matching_loss_torch, dynamic=False,
+                                    backend="inductor" if on_gpu else "aot_eager")))
 
     eager: Optional[dict] = None
     for name, loss_fn in impls:
@@ -163,19 +164,26 @@ def bench_shape(shape: Shape, device, peak_tflops: float, compile_: bool = True)
         yield row
 
 
+def _device(name: str):
+    """The device to benchmark on. On CPU the Triton interpreter is switched on first: it must be set
+    before triton is imported (through flowkern)."""
+    if name == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_train: --device cuda needs a CUDA GPU")
+    return torch.device(name)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     """Run the benchmark; returns every row it appended to the CSV."""
     args = parse_args(argv)
-    if args.device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton (via flowkern) is imported
-    sys.path.insert(0, str(ROOT))
-    import torch
-
+    device = _device(args.device)
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     from benchmarks.common import RESULTS_DIR, append_csv, matmul_peak_tflops, print_table
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench_train: --device cuda needs a CUDA GPU")
     shapes = [s for s in SHAPES[args.device] if not args.shapes or s.name in args.shapes]
     if not shapes:
         raise SystemExit(f"bench_train: no shape named {args.shapes} for --device {args.device}")

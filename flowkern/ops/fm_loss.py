@@ -23,20 +23,25 @@ Per row (units of W elements of the activation dtype):
   ``modulate`` pass that applies the previous block's ``a + gate·z2`` and this
   block's ``RMSNorm(a)(1+scale)+shift`` together, a SiLU pass, and a final
   per-token loss reduction: 12 + 9K units.
-- backward: 14 + 20K units (see each kernel's docstring).
+- backward: 15 + 20K units (see each kernel's docstring), plus the cuBLAS
+  accumulation of d silu(y) over the K + 1 adaLN GEMMs.
 - saved for backward: x_t, y, silu(y), v, each block's input a, z1 = W1·h+b1,
   z2 = W2·silu(z1)+b2 and the adaLN output [3W] (2W for the final layer), plus
-  an fp32 rstd per row and norm: 6K + 7 units. The block input h and the MLP
-  activation silu(z1) are recomputed in backward (fused into passes that run
-  anyway); the noise ε is regenerated from its Philox seed, never stored.
-  The eager reference keeps ~13 units per block (fp32 norm inputs, h, the
-  (1+scale) and gate products, and SiLU inputs and outputs per module).
+  an fp32 rstd per row and norm: 6K + 7 units, and 2 more in the time
+  embedder's autograd. The block input h and the MLP activation silu(z1) are
+  recomputed in backward (fused into passes that run anyway); the noise ε is
+  regenerated from its Philox seed, never stored. Counted with
+  ``torch.autograd.graph.saved_tensors_hooks`` in bf16: 33 units at the 1.5B
+  shape and 45 at the 7B shape, against eager's 66 and 92 (eager keeps ~13 per
+  block: fp32 norm inputs, h, the (1+scale) and gate products, SiLU inputs and
+  outputs per module).
 
 At the 7B shape (D = 3584, K = 6, 16,384 tokens) the GEMMs are 44.7 TFLOP
 (forward, data and weight gradients), 69 ms at 650 TF/s, and the row passes
-move 200 units = 23.5 GB, ≥ 5.6 ms at 4.2 TB/s: the floor of this design is
-≈ 75 ms, against 92.8 ms eager. At the 1.5B shape (D = 1536, K = 4) it is
-≈ 9 + 1.7 ms against 19.7 ms.
+move ~200 units = 23.5 GB, ≥ 5.6 ms at 4.2 TB/s: the floor of this design is
+≈ 75 ms, against 92.8 ms eager (1.24×; the GEMMs alone bound any design at
+≈ 1.35×). At the 1.5B shape (D = 1536, K = 4: 5.9 TFLOP, 142 units of 50 MB)
+it is ≈ 9 + 1.7 ms against 19.7 ms.
 
 Gradients are never computed in the forward pass: the backward reads
 ``grad_output`` and scales by it (Liger-Kernel #968 / PR #1298), so

@@ -147,10 +147,31 @@ def _noise(noise_ptr, noise_stride, seed_ptr, r64, mask, HAS_NOISE: tl.constexpr
 
 
 @_device_fn
+def _velocity_error(v_ptr, x1_ptr, x1_stride, noise_ptr, noise_stride, seed_ptr, wt_ptr, r, r64, rmask, mask,
+                    n_tok, width, HAS_NOISE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``v - u`` with ``u = x1[token] - ε`` (0 outside the tile) and the token weights, for rows r = repeat·N + token."""
+    tok = (r % n_tok).to(tl.int64)
+    eps = _noise(noise_ptr, noise_stride, seed_ptr, r64, mask, HAS_NOISE, BLOCK_D)
+    diff = _load(v_ptr, r64, width, mask, BLOCK_D) - (_load(x1_ptr, tok, x1_stride, mask, BLOCK_D) - eps)
+    return tl.where(mask, diff, 0.0), tl.load(wt_ptr + tok, mask=rmask, other=0.0)
+
+
+@_device_fn
 def _modulate(a, rstd, w, shift, scale, DT: tl.constexpr):
     """``h = (w · cast(a·rstd)) · (1 + scale) + shift`` with the reference's roundings; fp32 in and out."""
     n = _rnd(w[None, :] * _rnd(a * rstd[:, None], DT), DT)
     return _rnd(n * _rnd(1.0 + scale, DT), DT) + shift
+
+
+@_device_fn
+def _recompute_h(h_ptr, a_ptr, rstd_ptr, shift_ptr, scale_ptr, ada_stride, w, r64, rmask, mask, width,
+                 BLOCK_D: tl.constexpr):
+    """Store the block input ``h`` recomputed from the saved residual `a`, its rstd and the adaLN output."""
+    a = _load(a_ptr, r64, width, mask, BLOCK_D)
+    rstd = tl.load(rstd_ptr + r64, mask=rmask, other=0.0)
+    shift = _load(shift_ptr, r64, ada_stride, mask, BLOCK_D)
+    scale = _load(scale_ptr, r64, ada_stride, mask, BLOCK_D)
+    _store(h_ptr, r64, width, _modulate(a, rstd, w, shift, scale, h_ptr.dtype.element_ty), mask, BLOCK_D)
 
 
 @_device_fn
@@ -252,11 +273,8 @@ def loss_kernel(v_ptr, x1_ptr, x1_stride, noise_ptr, noise_stride, seed_ptr, wt_
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     for i in range(0, rows_per_prog, BLOCK_M):
         r, r64, rmask, mask = _tile(pid * rows_per_prog + i, rows, width, BLOCK_M, BLOCK_D)
-        tok = (r % n_tok).to(tl.int64)
-        eps = _noise(noise_ptr, noise_stride, seed_ptr, r64, mask, HAS_NOISE, BLOCK_D)
-        diff = _load(v_ptr, r64, width, mask, BLOCK_D) - (_load(x1_ptr, tok, x1_stride, mask, BLOCK_D) - eps)
-        diff = tl.where(mask, diff, 0.0)
-        wt = tl.load(wt_ptr + tok, mask=rmask, other=0.0)
+        diff, wt = _velocity_error(v_ptr, x1_ptr, x1_stride, noise_ptr, noise_stride, seed_ptr, wt_ptr, r, r64,
+                                   rmask, mask, n_tok, width, HAS_NOISE, BLOCK_D)
         acc += wt * (tl.sum(diff * diff, axis=1) / width)
     tl.store(part_ptr + pid, tl.sum(acc, axis=0))
 
@@ -282,18 +300,12 @@ def loss_bwd_kernel(v_ptr, x1_ptr, x1_stride, noise_ptr, noise_stride, seed_ptr,
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for i in range(0, rows_per_prog, BLOCK_M):
         r, r64, rmask, mask = _tile(pid * rows_per_prog + i, rows, width, BLOCK_M, BLOCK_D)
-        tok = (r % n_tok).to(tl.int64)
-        eps = _noise(noise_ptr, noise_stride, seed_ptr, r64, mask, HAS_NOISE, BLOCK_D)
-        diff = _load(v_ptr, r64, width, mask, BLOCK_D) - (_load(x1_ptr, tok, x1_stride, mask, BLOCK_D) - eps)
-        wt = tl.load(wt_ptr + tok, mask=rmask, other=0.0)
-        dv = tl.where(mask, _rnd(coef * wt[:, None] * diff, DT), 0.0)
+        diff, wt = _velocity_error(v_ptr, x1_ptr, x1_stride, noise_ptr, noise_stride, seed_ptr, wt_ptr, r, r64,
+                                   rmask, mask, n_tok, width, HAS_NOISE, BLOCK_D)
+        dv = _rnd(coef * wt[:, None] * diff, DT)
         _store(dv_ptr, r64, width, dv, mask, BLOCK_D)
         acc += tl.sum(dv, axis=0)
-        a = _load(a_ptr, r64, width, mask, BLOCK_D)
-        rstd = tl.load(rstd_ptr + r64, mask=rmask, other=0.0)
-        shift = _load(shift_ptr, r64, ada_stride, mask, BLOCK_D)
-        scale = _load(scale_ptr, r64, ada_stride, mask, BLOCK_D)
-        _store(h_ptr, r64, width, _modulate(a, rstd, w, shift, scale, DT), mask, BLOCK_D)
+        _recompute_h(h_ptr, a_ptr, rstd_ptr, shift_ptr, scale_ptr, ada_stride, w, r64, rmask, mask, width, BLOCK_D)
     _store_partial(part_ptr, pid, 0, 1, width, acc, BLOCK_D)
 
 
@@ -401,11 +413,7 @@ def silu_bwd_modulate_kernel(ds1_ptr, z1_ptr, dz1_ptr, a_ptr, rstd_ptr, shift_pt
         dz1 = _rnd(_load(ds1_ptr, r64, width, mask, BLOCK_D) * _dsilu(_load(z1_ptr, r64, width, mask, BLOCK_D)), DT)
         _store(dz1_ptr, r64, width, dz1, mask, BLOCK_D)
         acc += tl.sum(dz1, axis=0)
-        a = _load(a_ptr, r64, width, mask, BLOCK_D)
-        rstd = tl.load(rstd_ptr + r64, mask=rmask, other=0.0)
-        shift = _load(shift_ptr, r64, ada_stride, mask, BLOCK_D)
-        scale = _load(scale_ptr, r64, ada_stride, mask, BLOCK_D)
-        _store(h_ptr, r64, width, _modulate(a, rstd, w, shift, scale, DT), mask, BLOCK_D)
+        _recompute_h(h_ptr, a_ptr, rstd_ptr, shift_ptr, scale_ptr, ada_stride, w, r64, rmask, mask, width, BLOCK_D)
     _store_partial(part_ptr, pid, 0, 1, width, acc, BLOCK_D)
 
 
