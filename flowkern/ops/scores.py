@@ -65,24 +65,36 @@ def _gemm_config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.C
 
 # Plain GEMMs [M, W] x [W, W]^T; BN a multiple of SLOT. First entry: the tile DESIGN §4 measured near
 # cuBLAS on an H200, and the interpreter's only config (large blocks keep its program count low). Few
-# configs on purpose: each is compiled per epilogue variant on first use (about 20 compilations in all).
+# configs on purpose: each is compiled per epilogue variant on first use (~2 s each for bf16 on sm_90).
+# The last entry of each list is the one an fp32 field gets (`_fp32_prune`): its operands take twice
+# the shared memory, and each fp32 variant takes ~20 s to compile.
 _GEMM_CONFIGS = [
     _gemm_config(128, 256, 64, 8, 3),
-    _gemm_config(128, 256, 32, 8, 4),  # also the one that fits an fp32 field in shared memory
     _gemm_config(128, 128, 64, 4, 4),
+    _gemm_config(128, 256, 32, 8, 4),
 ]
 # adaLN GEMMs carry 2 or 3 accumulators of [BM, BN] each (shift, scale[, gate]): narrower tiles.
 _MODULATE_CONFIGS = [
     _gemm_config(128, 64, 64, 8, 3),
     _gemm_config(64, 128, 64, 4, 3),
-    _gemm_config(128, 64, 32, 4, 4),  # fits fp32
+    _gemm_config(128, 64, 32, 4, 4),
 ]
 # The output GEMM's epilogue runs Philox on its tile: at BN=256 it spills ~1.8 KB per thread on sm_90
-# (ptxas, triton 3.8), at 128x128 with 8 warps ~120 B. Both fit an fp32 field in shared memory.
+# (ptxas, triton 3.8), at 128x128 with 8 warps ~120 B.
 _SCORE_CONFIGS = [
     _gemm_config(128, 128, 64, 8, 3),
     _gemm_config(128, 64, 64, 4, 4),
 ]
+
+
+def _fp32_prune(configs: list, named_args: dict, **kwargs) -> list:
+    """Autotune only the last config for an fp32 field (see above); every config for 16-bit fields."""
+    return configs[-1:] if named_args["w_ptr"].dtype == torch.float32 else configs
+
+
+def _autotune(configs: list, key: list, **kwargs):
+    return triton.autotune(configs=prune_configs(configs), key=key,
+                           prune_configs_by={"early_config_prune": _fp32_prune}, **kwargs)
 
 
 # --------------------------------------------------------------------------- shared device helpers
@@ -210,7 +222,7 @@ def _interpolate_kernel(x1_ptr, stride_x1, noise_ptr, stride_nj, stride_nr, out_
 # GEMM [n, W] x [W, W]^T once per token (not per timestep): 2·n·W² FLOPs; bytes ≈ n·W·e_c (cond) + W²·e
 # + J·n·W·e (SiLU(y) for every timestep) + n·W·e per extra gather of the layer embedding (L2-resident).
 # 1.5B shape: 0.93 TFLOP -> 1.19 ms at 781 TFLOP/s vs 1.2 GB -> 0.29 ms: compute-bound, floor 1.19 ms.
-@triton.autotune(configs=prune_configs(_GEMM_CONFIGS), key=["N", "K"])
+@_autotune(_GEMM_CONFIGS, key=["N", "K"])
 @triton.jit
 def _cond_kernel(c_ptr, stride_c, w_ptr, b_ptr, lemb_ptr, idx_ptr, temb_ptr, s_ptr, n_tok, N, K, J,
                  HAS_IDX: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -241,7 +253,7 @@ def _cond_kernel(c_ptr, stride_c, w_ptr, b_ptr, lemb_ptr, idx_ptr, temb_ptr, s_p
 # GEMM [M, W] x [W, W]^T, M = J·n: 2·M·W² FLOPs; bytes ≈ 2·M·W·e (A, out) + W²·e, plus 2·M·W·e for
 # RESID (a and gate) and M·W/16 for the RMS partials. 1.5B shape: 0.93 TFLOP -> 1.19 ms at 781 TFLOP/s
 # vs ≤ 2.4 GB -> 0.58 ms: compute-bound, floor 1.19 ms per call (K=4: 9 calls).
-@triton.autotune(configs=prune_configs(_GEMM_CONFIGS), key=["N", "K", "EPI"], restore_value=["res_ptr"])
+@_autotune(_GEMM_CONFIGS, key=["N", "K", "EPI"], restore_value=["res_ptr"])
 @triton.jit
 def _linear_kernel(a_ptr, w_ptr, b_ptr, out_ptr, res_ptr, gate_ptr, part_ptr, M, N, K, n_slots,
                    EPI: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -274,7 +286,7 @@ def _linear_kernel(a_ptr, w_ptr, b_ptr, out_ptr, res_ptr, gate_ptr, part_ptr, M,
 # adaLN GEMM [M, W] x [W, N_ACC·W]^T: 2·N_ACC·M·W² FLOPs; bytes ≈ M·W·e (SiLU(y)) + M·W·e (a) + M·W·e (h)
 # [+ M·W·e gate] + N_ACC·W²·e. 1.5B shape, block (N_ACC 3): 2.78 TFLOP -> 3.56 ms vs 2.4 GB -> 0.58 ms;
 # final (N_ACC 2): 1.86 TFLOP -> 2.38 ms. Compute-bound; shift/scale never reach memory.
-@triton.autotune(configs=prune_configs(_MODULATE_CONFIGS), key=["N", "K", "N_ACC"])
+@_autotune(_MODULATE_CONFIGS, key=["N", "K", "N_ACC"])
 @triton.jit
 def _modulate_kernel(s_ptr, w_ptr, b_ptr, a_ptr, lnw_ptr, part_ptr, h_ptr, gate_ptr, M, N, K, n_slots, eps,
                      N_ACC: tl.constexpr, SLOTS_P2: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -312,7 +324,7 @@ def _modulate_kernel(s_ptr, w_ptr, b_ptr, a_ptr, lnw_ptr, part_ptr, h_ptr, gate_
 # Output GEMM [M, W] x [D, W]^T with the loss epilogue: 2·M·W·D FLOPs; bytes ≈ M·W·e (h) + n·D·e_in (x1,
 # shared by the J timestep rows, L2-resident) [+ ε when supplied] + M·D/16 (partials); ALU ≈ 40 ops per
 # element to regenerate ε. 1.5B shape: 0.93 TFLOP -> 1.19 ms vs 1.2 GB -> 0.29 ms: compute-bound.
-@triton.autotune(configs=prune_configs(_SCORE_CONFIGS), key=["N", "K"])
+@_autotune(_SCORE_CONFIGS, key=["N", "K"])
 @triton.jit(do_not_specialize=["row0", "seed"])
 def _score_kernel(h_ptr, w_ptr, b_ptr, x1_ptr, stride_x1, noise_ptr, stride_nj, stride_nr, weight_ptr, part_ptr,
                   M, n_tok, N, K, n_slots, row0, seed, QD,
