@@ -14,6 +14,7 @@ from .flow import flow_pairs, flow_scores
 
 ADV_EPS = 1e-6  # added to the group std before dividing
 RTG_CHUNK = 64  # reward-to-go is scanned in chunks of this many positions
+SCORE_GATHER_BYTES = 128 * 2**20  # bound on flow_reward's gathered (target, cond, noise) copies per scoring call
 
 
 def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_mask: torch.Tensor,
@@ -79,15 +80,22 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
     cond_pos = target_pos + offset
     n = rows.numel()
     scores = torch.zeros(B, T, dtype=torch.float32, device=device)
-    if n:
-        stacked_noise = None if noise is None else torch.cat([nz[rows, target_pos] for nz in noise])
+    # The gathered copies are bounded: tokens are scored in chunks of at most SCORE_GATHER_BYTES of copies
+    # (one chunk, hence one flow_scores call, unless the batch is large).
+    per_token = sum(2 * lat.element_size() * D for lat in latents) + sum(nz.element_size() * D for nz in noise or [])
+    chunk = max(1, SCORE_GATHER_BYTES // per_token)
+    fracs = torch.tensor(layer_fracs, dtype=torch.float32, device=device)
+    for start in range(0, n, chunk):
+        r, tp, cp = rows[start:start + chunk], target_pos[start:start + chunk], cond_pos[start:start + chunk]
+        m = r.numel()
         per_layer = flow_scores(
             field,
-            torch.cat([lat[rows, target_pos] for lat in latents]),
-            torch.cat([lat[rows, cond_pos] for lat in latents]),
-            torch.tensor(layer_fracs, dtype=torch.float32, device=device).repeat_interleave(n),
-            timesteps=config.timesteps, noise=stacked_noise, generator=generator, backend=score_backend)
-        scores[rows, target_pos] = per_layer.view(len(latents), n).mean(0)
+            torch.cat([lat[r, tp] for lat in latents]),
+            torch.cat([lat[r, cp] for lat in latents]),
+            fracs.repeat_interleave(m),
+            timesteps=config.timesteps, noise=None if noise is None else torch.cat([nz[r, tp] for nz in noise]),
+            generator=generator, backend=score_backend)
+        scores[r, tp] = per_layer.view(len(latents), m).mean(0)
     return shape_rewards(scores, scored, config, backend=shape_backend)
 
 

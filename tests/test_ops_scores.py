@@ -130,6 +130,20 @@ def test_flow_reward_context_modes(dtype, mode, shift):
     assert_close(got, want, dtype)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_flow_reward_streams_its_gathered_copies(monkeypatch, backend):
+    """flow_reward scores its tokens in bounded chunks: the result does not depend on the chunk size."""
+    dim = 64
+    field = _field(dim, 1, torch.float32, seed=3)
+    latents, action, noise = _reward_setup(dim, torch.float32, seed=3)
+    cfg = fk.FlowConfig(norm="none", threshold=0.0, topk=0, coef=1.0)
+    kw = dict(layer_fracs=(0.25, 0.75), noise=noise, backend=backend)
+    whole = fk.flow_reward(field, latents, action, cfg, **kw)
+    per_token = 2 * (2 * 4 * dim) + 2 * 4 * dim  # two latents (target + cond copies) and two noises, fp32
+    monkeypatch.setattr(fk.reward, "SCORE_GATHER_BYTES", 7 * per_token)  # chunks of 7 tokens
+    assert_close(fk.flow_reward(field, latents, action, cfg, **kw), whole, torch.float32)
+
+
 def test_flow_reward_default_shaping_keeps_the_same_tokens():
     """The released shaping (minmax-bil, η=0.6, top-k 15) selects the same tokens in fp32."""
     dim = 64
@@ -225,6 +239,9 @@ def test_producer_tiles_align_with_partial_slots():
     """Row reductions are written per 64-column slot: every producer tile must cover whole slots."""
     for config in scores._GEMM_CONFIGS + scores._SCORE_CONFIGS:
         assert config.kwargs["BN"] % scores._SLOT == 0, config
+    for configs in (scores._GEMM_CONFIGS, scores._MODULATE_CONFIGS, scores._SCORE_CONFIGS):
+        assert scores._fp32_prune(configs, {"w_ptr": torch.zeros(1)}) == configs[-1:]
+        assert scores._fp32_prune(configs, {"w_ptr": torch.zeros(1, dtype=torch.float16)}) == configs
     assert scores._NOISE_TILE[1] % 4 == 0
 
 

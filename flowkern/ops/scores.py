@@ -51,7 +51,8 @@ from ._triton import interpreting, prune_configs, why_unavailable
 # Intermediates held per chunk: SiLU(y), a, gate, h (x_t before input_proj), MLP hidden — each [J·n, W].
 _N_BUFFERS = 5
 # Bound on those intermediates: the whole call's extra memory is this plus O(N) fp32 (scores, layer index).
-MAX_CHUNK_BYTES = 384 * 2**20
+# With flow_reward's gathered copies (reward.SCORE_GATHER_BYTES, 128 MiB) the total stays under 0.5 GiB.
+MAX_CHUNK_BYTES = 320 * 2**20
 SLOT = tl.constexpr(64)  # columns per partial row sum; producers' BN must be a multiple of it
 _SLOT = 64
 _NOISE_TILE = (16, 256)  # (rows, cols) of `_interpolate_kernel`'s programs
