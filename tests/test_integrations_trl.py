@@ -201,3 +201,38 @@ def test_missing_flow_config_is_refused(tmp_path):
         make_trainer(tmp_path, flow_config=None)
     with pytest.raises(TypeError, match="flow is required"):
         make_trainer(tmp_path, flow=None)
+
+
+DDP_SCRIPT = r'''
+import json, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, sys.argv[1])
+from test_integrations_trl import make_trainer
+
+out = Path(sys.argv[2])
+trainer = make_trainer(out / "run")
+rank = trainer.accelerator.process_index
+initial = torch.cat([p.detach().flatten().clone() for p in trainer.flow_field.parameters()])
+trainer.train()
+final = torch.cat([p.detach().flatten() for p in trainer.flow_field.parameters()])
+torch.save({"initial": initial, "final": final, "world": trainer.accelerator.num_processes,
+            "logs": [e for e in trainer.state.log_history if "flow/loss" in e]}, out / f"rank{rank}.pt")
+'''
+
+
+def test_two_ranks_keep_identical_flows(tmp_path):
+    """DDP on CPU (gloo), 2 processes: each scores its slice; the online update keeps the flow copies identical."""
+    need("trl")
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), os.path.dirname(__file__), str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(r["world"] == 2 for r in ranks)
+    assert torch.equal(ranks[0]["initial"], ranks[1]["initial"])
+    assert not torch.equal(ranks[0]["final"], ranks[0]["initial"])
+    assert torch.equal(ranks[0]["final"], ranks[1]["final"])
+    assert ranks[0]["logs"] and [e["flow/loss"] for e in ranks[0]["logs"]] == [e["flow/loss"] for e in ranks[1]["logs"]]

@@ -169,6 +169,17 @@ def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     return t
 
 
+def broadcast_module(module: nn.Module, group=None) -> None:
+    """Copy the parameters and buffers of the first rank of `group` to every rank (no-op without distributed)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
+        return
+    src = 0 if group is None else dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=src, group=group)
+
+
 def flow_update(field: VelocityField, optimizer: torch.optim.Optimizer, latents: Sequence[torch.Tensor],
                 layer_fracs: Sequence[float], mask: torch.Tensor, weights: torch.Tensor, config: FlowConfig, *,
                 generator: Optional[torch.Generator] = None, repeats: int = 1, backend: str = "auto",

@@ -37,8 +37,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
 from ..checkpoint import SAFETENSORS_NAME, load_flow_field, save_flow_field  # noqa: E402
 from ..config import FlowConfig  # noqa: E402
 from ..reward import flow_reward, reward_to_go  # noqa: E402
-from ._common import (FlowLike, LatentRecorder, check_flow_fits_policy, decoder_layers, flow_update,  # noqa: E402
-                      resolve_flow, scored_mask)
+from ._common import (FlowLike, LatentRecorder, broadcast_module, check_flow_fits_policy, decoder_layers,  # noqa: E402
+                      flow_update, resolve_flow, scored_mask)
 
 _HOOKED = ("_generate_and_score_completions", "_calculate_rewards", "_get_per_token_logps_and_entropies",
            "_save_checkpoint", "_load_optimizer_and_scheduler")
@@ -100,6 +100,7 @@ class FlowGRPOTrainer(GRPOTrainer):
         check_flow_fits_policy(field, self.model)
         device = self.accelerator.device
         self.flow_field = field.to(device=device, dtype=torch.float32)
+        broadcast_module(self.flow_field)  # every rank starts from rank 0's flow
         self.flow_config = config
         self.flow_optimizer = torch.optim.Adam(self.flow_field.parameters(), lr=float(flow_lr))
         self.flow_incorrect_weight = float(flow_incorrect_weight)

@@ -39,8 +39,8 @@ from verl.trainer.ppo import core_algos  # noqa: E402
 from ..checkpoint import save_flow_field  # noqa: E402
 from ..config import FlowConfig  # noqa: E402
 from ..reward import flow_reward, shape_advantages  # noqa: E402
-from ._common import (FlowLike, LatentRecorder, as_bool_mask, check_flow_fits_policy, decoder_layers,  # noqa: E402
-                      flow_update, last_true, resolve_flow, scored_mask)
+from ._common import (FlowLike, LatentRecorder, as_bool_mask, broadcast_module, check_flow_fits_policy,  # noqa: E402
+                      decoder_layers, flow_update, last_true, resolve_flow, scored_mask)
 
 ESTIMATOR_NAME = "grpo_flow"
 
@@ -187,6 +187,7 @@ class FlowRewardHook:
     def _place(self, device: torch.device) -> None:
         if self.optimizer is None:
             self.field.to(device)
+            broadcast_module(self.field, self.process_group)  # every rank starts from the first rank's flow
             self.optimizer = torch.optim.Adam(self.field.parameters(), lr=self.lr)
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(self.seed)
