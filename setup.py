@@ -89,7 +89,7 @@ def cuda_extension_kwargs() -> dict:
         return skip(f"torch {torch.__version__} has no CUDA")
     cuda_home, release, tried = _find_toolkit()
     if cuda_home is None:
-        return skip(f"nvcc not found ({tried})")
+        return skip(f"nvcc not found: {tried}")
     if release.split(".")[0] != torch.version.cuda.split(".")[0]:
         return skip(f"nvcc {release} in {cuda_home} does not match the CUDA {torch.version.cuda} of torch "
                     f"{torch.__version__} (the major versions must agree)")

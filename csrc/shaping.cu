@@ -486,6 +486,18 @@ void launch(int64_t B, int64_t T, const float* scores, const uint8_t* mask, cons
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Stages rows in shared memory when asked and when T fits, else uses the rewards output as scratch.
+template <bool kAdv>
+void launch_shaping(bool use_smem, int64_t B, int64_t T, const float* scores, const uint8_t* mask,
+                    const float* outcome, float* rewards_out, float* adv_out, ShapeArgs sa, int group_size,
+                    double gamma) {
+  if (use_smem && T <= smem_row_limit()) {
+    launch<true, kAdv, true>(B, T, scores, mask, nullptr, outcome, rewards_out, adv_out, sa, group_size, gamma);
+  } else {
+    launch<true, kAdv, false>(B, T, scores, mask, nullptr, outcome, rewards_out, adv_out, sa, group_size, gamma);
+  }
+}
+
 const uint8_t* mask_ptr(const at::Tensor& mask) { return static_cast<const uint8_t*>(mask.data_ptr()); }
 
 }  // namespace
@@ -508,13 +520,8 @@ at::Tensor shape_rewards(const at::Tensor& scores_in, const at::Tensor& mask_in,
   const int64_t B = scores.size(0), T = scores.size(1);
   at::Tensor out = at::empty({B, T}, scores.options());
   if (B == 0 || T == 0) return out;
-  if (use_smem && T <= smem_row_limit()) {
-    launch<true, false, true>(B, T, scores.data_ptr<float>(), mask_ptr(mask), nullptr, nullptr, out.data_ptr<float>(),
-                              nullptr, sa, 1, 1.0);
-  } else {
-    launch<true, false, false>(B, T, scores.data_ptr<float>(), mask_ptr(mask), nullptr, nullptr, out.data_ptr<float>(),
-                               nullptr, sa, 1, 1.0);
-  }
+  launch_shaping<false>(use_smem, B, T, scores.data_ptr<float>(), mask_ptr(mask), nullptr, out.data_ptr<float>(),
+                        nullptr, sa, 1, 1.0);
   return out;
 }
 
@@ -578,14 +585,8 @@ std::tuple<at::Tensor, at::Tensor> shape_rewards_and_advantages(const at::Tensor
   at::Tensor rewards = at::empty({B, T}, scores.options());
   at::Tensor adv = at::empty({B, T}, scores.options());
   if (B == 0 || T == 0) return {rewards, adv};
-  const int gs = static_cast<int>(group_size);
-  if (use_smem && T <= smem_row_limit()) {
-    launch<true, true, true>(B, T, scores.data_ptr<float>(), mask_ptr(mask), nullptr, outcome.data_ptr<float>(),
-                             rewards.data_ptr<float>(), adv.data_ptr<float>(), sa, gs, gamma);
-  } else {
-    launch<true, true, false>(B, T, scores.data_ptr<float>(), mask_ptr(mask), nullptr, outcome.data_ptr<float>(),
-                              rewards.data_ptr<float>(), adv.data_ptr<float>(), sa, gs, gamma);
-  }
+  launch_shaping<true>(use_smem, B, T, scores.data_ptr<float>(), mask_ptr(mask), outcome.data_ptr<float>(),
+                       rewards.data_ptr<float>(), adv.data_ptr<float>(), sa, static_cast<int>(group_size), gamma);
   return {rewards, adv};
 }
 

@@ -183,6 +183,24 @@ def test_setup_without_nvcc_skips_or_fails_when_required():
     assert "FLOWKERN_BUILD_CUDA=1 but the CUDA extension cannot be built" in proc.stderr
 
 
+def test_setup_skips_when_nvcc_does_not_match_torch(tmp_path):
+    if not torch.version.cuda:
+        pytest.skip("torch has no CUDA: setup.py stops before looking for nvcc")
+    other = int(torch.version.cuda.split(".")[0]) - 1
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime.h").write_text("")
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {other}.4, V{other}.4.99'\n")
+    nvcc.chmod(0o755)
+    proc = _run_setup({"CUDA_HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = _flowkern_lines(proc.stderr)
+    assert len(lines) == 1 and f"nvcc {other}.4 in {tmp_path} does not match the CUDA {torch.version.cuda}" in lines[0]
+    proc = _run_setup({"CUDA_HOME": str(tmp_path), "FLOWKERN_BUILD_CUDA": "1"})
+    assert proc.returncode != 0 and "does not match" in proc.stderr
+
+
 def test_benchmark_runs_on_cpu(tmp_path):
     csv = tmp_path / "shaping.csv"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_shaping.py"), "--device", "cpu",
