@@ -148,6 +148,22 @@ def _mainloop(a_ptr, stride_am, w_ptr, rm, rn, M, N, K, N_ACC: tl.constexpr, PRE
 
 
 @triton.jit
+def _gemm_tile(a_ptr, stride_am, w_ptr, M, N, K, N_ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile: (pid_n, rows rm, columns rn, their masks, the N_ACC accumulators)."""
+    pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    acc0, acc1, acc2 = _mainloop(a_ptr, stride_am, w_ptr, rm, rn, M, N, K, N_ACC, PREC, UPCAST, BM, BN, BK)
+    return pid_n, rm, rn, rm < M, rn < N, acc0, acc1, acc2
+
+
+@triton.jit
+def _plus_bias(acc, b_ptr, rn, col_ok):
+    return acc + tl.load(b_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
 def _dot(a, w, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:  # the interpreter's low-precision dot is wrong: do it in fp32
         return tl.dot(a, w.to(tl.float32), acc, input_precision="ieee")
@@ -230,15 +246,11 @@ def _cond_kernel(c_ptr, stride_c, w_ptr, b_ptr, lemb_ptr, idx_ptr, temb_ptr, s_p
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """s[j·n_tok + r] = SiLU(cond_embed(c[r]) + temb[j] + lemb[idx[r]]) for every timestep j."""
     DT: tl.constexpr = s_ptr.dtype.element_ty
-    pid_m, pid_n = _tile_ids(n_tok, N, BM, BN, GROUP_M)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    acc, _, _ = _mainloop(c_ptr, stride_c, w_ptr, rm, rn, n_tok, N, K, 1, PREC, UPCAST, BM, BN, BK)
-    row_ok = rm < n_tok
-    col_ok = rn < N
+    _, rm, rn, row_ok, col_ok, acc, _, _ = _gemm_tile(c_ptr, stride_c, w_ptr, n_tok, N, K, 1, PREC, UPCAST,
+                                                      BM, BN, BK, GROUP_M)
     mask = row_ok[:, None] & col_ok[None, :]
     # ce and le stay in the field dtype across the timestep loop (they are rounded to it anyway): half the registers
-    ce = (acc + tl.load(b_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]).to(DT)
+    ce = _plus_bias(acc, b_ptr, rn, col_ok).to(DT)
     if HAS_IDX:
         li = tl.load(idx_ptr + rm, mask=row_ok, other=0).to(tl.int64)
     else:
@@ -265,14 +277,11 @@ def _linear_kernel(a_ptr, w_ptr, b_ptr, out_ptr, res_ptr, gate_ptr, part_ptr, M,
     EPI 2 (RESID): out = res + gate·o in place (out is res), RMS partials of it.
     """
     DT: tl.constexpr = out_ptr.dtype.element_ty
-    pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    acc, _, _ = _mainloop(a_ptr, K, w_ptr, rm, rn, M, N, K, 1, PREC, UPCAST, BM, BN, BK)
-    col_ok = rn < N
-    mask = (rm[:, None] < M) & col_ok[None, :]
+    pid_n, rm, rn, row_ok, col_ok, acc, _, _ = _gemm_tile(a_ptr, K, w_ptr, M, N, K, 1, PREC, UPCAST,
+                                                          BM, BN, BK, GROUP_M)
+    mask = row_ok[:, None] & col_ok[None, :]
     offs = rm[:, None].to(tl.int64) * N + rn[None, :]
-    o = _rnd(acc + tl.load(b_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :], DT)
+    o = _rnd(_plus_bias(acc, b_ptr, rn, col_ok), DT)
     if EPI == 1:
         o = _rnd(_silu(o), DT)
     if EPI == 2:
@@ -297,13 +306,8 @@ def _modulate_kernel(s_ptr, w_ptr, b_ptr, a_ptr, lnw_ptr, part_ptr, h_ptr, gate_
     RMSNorm's row statistics come from the 64-column partials `part` [M, n_slots] of the producer of `a`.
     """
     DT: tl.constexpr = h_ptr.dtype.element_ty
-    pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    acc_shift, acc_scale, acc_gate = _mainloop(s_ptr, K, w_ptr, rm, rn, M, N, K, N_ACC, PREC, UPCAST,
-                                               BM, BN, BK)
-    row_ok = rm < M
-    col_ok = rn < N
+    _, rm, rn, row_ok, col_ok, acc_shift, acc_scale, acc_gate = _gemm_tile(s_ptr, K, w_ptr, M, N, K, N_ACC, PREC,
+                                                                           UPCAST, BM, BN, BK, GROUP_M)
     mask = row_ok[:, None] & col_ok[None, :]
     offs = rm[:, None].to(tl.int64) * N + rn[None, :]
     slot = tl.arange(0, SLOTS_P2)
@@ -312,13 +316,13 @@ def _modulate_kernel(s_ptr, w_ptr, b_ptr, a_ptr, lnw_ptr, part_ptr, h_ptr, gate_
     rstd = tl.rsqrt(tl.sum(sums, axis=1) / N + eps)
     a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lnw = tl.load(lnw_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)
-    shift = _rnd(acc_shift + tl.load(b_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :], DT)
-    scale = _rnd(acc_scale + tl.load(b_ptr + N + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :], DT)
+    shift = _rnd(_plus_bias(acc_shift, b_ptr, rn, col_ok), DT)
+    scale = _rnd(_plus_bias(acc_scale, b_ptr + N, rn, col_ok), DT)
     normed = _rnd(lnw[None, :] * _rnd(a * rstd[:, None], DT), DT)
     h = _rnd(normed * _rnd(1.0 + scale, DT), DT) + shift
     tl.store(h_ptr + offs, h.to(DT), mask=mask)
     if N_ACC == 3:
-        gate = acc_gate + tl.load(b_ptr + 2 * N + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        gate = _plus_bias(acc_gate, b_ptr + 2 * N, rn, col_ok)
         tl.store(gate_ptr + offs, gate.to(DT), mask=mask)
 
 
@@ -333,14 +337,10 @@ def _score_kernel(h_ptr, w_ptr, b_ptr, x1_ptr, stride_x1, noise_ptr, stride_nj, 
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """part[j·n_tok + r, s] = weight_j · Σ_{c in slot s} (v - (x1 - ε))², v = h @ w^T + b in the field dtype."""
     DT: tl.constexpr = w_ptr.dtype.element_ty
-    pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    acc, _, _ = _mainloop(h_ptr, K, w_ptr, rm, rn, M, N, K, 1, PREC, UPCAST, BM, BN, BK)
-    row_ok = rm < M
-    col_ok = rn < N
+    pid_n, rm, rn, row_ok, col_ok, acc, _, _ = _gemm_tile(h_ptr, K, w_ptr, M, N, K, 1, PREC, UPCAST,
+                                                          BM, BN, BK, GROUP_M)
     mask = row_ok[:, None] & col_ok[None, :]
-    v = (acc + tl.load(b_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]).to(DT)  # frees acc's registers
+    v = _plus_bias(acc, b_ptr, rn, col_ok).to(DT)  # held in the field dtype: frees acc's registers
     j = rm // n_tok
     tok = (rm % n_tok).to(tl.int64)
     x1 = tl.load(x1_ptr + tok[:, None] * stride_x1 + rn[None, :], mask=mask, other=0.0).to(tl.float32)
