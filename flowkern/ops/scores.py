@@ -30,7 +30,8 @@ The interpolation is its own pass rather than the prologue of the
 input_proj GEMM because drawing Philox noise inside the GEMM's A-tile load
 would redo it for every one of the W / BN column tiles, which costs more
 ALU time than the GEMM itself; as a separate pass it costs one read of x1
-and one write of x_t (under 1 % of the GEMM floor at the DESIGN shapes).
+and one write of x_t plus one Philox call per four elements (about 1-2 % of
+the GEMM floor at the DESIGN shapes).
 
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors, with one
 autotune config and the dot operands upcast to fp32.
