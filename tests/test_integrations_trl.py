@@ -236,3 +236,18 @@ def test_two_ranks_keep_identical_flows(tmp_path):
     assert not torch.equal(ranks[0]["final"], ranks[0]["initial"])
     assert torch.equal(ranks[0]["final"], ranks[1]["final"])
     assert ranks[0]["logs"] and [e["flow/loss"] for e in ranks[0]["logs"]] == [e["flow/loss"] for e in ranks[1]["logs"]]
+
+
+def test_resuming_from_a_checkpoint_restores_the_flow_and_its_optimiser(trained, tmp_path):
+    mode, trainer, _, _, tmp = trained
+    if mode != "extra_forward":
+        pytest.skip("one resume suffices")
+    fresh = make_trainer(tmp_path)
+    assert not torch.equal(fresh.flow_field.input_proj.weight, trainer.flow_field.input_proj.weight)
+    fresh.create_optimizer_and_scheduler(num_training_steps=2)
+    fresh._load_optimizer_and_scheduler(str(tmp / "checkpoint-2"))  # what Trainer.train(resume_from_checkpoint=...) runs
+    for key, value in trainer.flow_field.state_dict().items():
+        torch.testing.assert_close(fresh.flow_field.state_dict()[key], value, rtol=0, atol=0)
+    saved = torch.load(tmp / "checkpoint-2" / "flow_optimizer.pt", weights_only=True)
+    assert fresh.flow_optimizer.state_dict()["state"].keys() == saved["state"].keys()
+    torch.testing.assert_close(fresh.flow_optimizer.state_dict()["state"][0]["exp_avg"], saved["state"][0]["exp_avg"])
