@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -26,12 +27,14 @@ class MetricsLog:
     def __init__(self, path: str | os.PathLike, enabled: bool = True):
         self.path = Path(path)
         self.enabled = enabled
+        self.t0 = time.time()
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record (values converted to plain floats / ints / strings)."""
         if not self.enabled:
             return
         clean = {k: (float(v) if isinstance(v, (torch.Tensor,)) else v) for k, v in record.items()}
+        clean["time_s"] = round(time.time() - self.t0, 2)  # seconds since this process started the run
         with open(self.path, "a") as fh:
             fh.write(json.dumps(clean) + "\n")
 
@@ -71,6 +74,7 @@ class Run:
     resume_step: int = 0
     resume_optimizers: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    last_rollout: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors of the latest RL step
     _ddp: Optional[torch.nn.Module] = None
 
     @property

@@ -123,6 +123,26 @@ def all_sum(values: Sequence[float], info: DistInfo) -> list[float]:
     return t.tolist()
 
 
+def fingerprint(module: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer's bytes (in state-dict order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def gather_strings(value: str, info: DistInfo) -> list[str]:
+    """`value` from every rank, in rank order (on every rank)."""
+    if not info.enabled:
+        return [value]
+    out: list = [None] * info.world
+    dist.all_gather_object(out, value)
+    return out
+
+
 def shard(items: Sequence, info: DistInfo) -> list:
     """This rank's contiguous slice of `items` (len must divide by the world size)."""
     n = len(items)

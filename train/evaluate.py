@@ -191,7 +191,8 @@ def plot_curves(metrics: MetricsLog, path: str | Path) -> Path:
     if evk:
         a.plot(*zip(*evk), "s--", label=f"held-out pass@{int(evals[0]['pass_k'])}")
     a.set(title="accuracy (RL step; 0 = after SFT)", xlabel="RL step", ylim=(0, 1))
-    a.legend(fontsize=8)
+    if rl or ev:
+        a.legend(fontsize=8)
     a = ax[0, 1]
     if rl:
         a.plot([r["step"] for r in rl], [r["reward"] for r in rl], label="outcome reward")
@@ -200,7 +201,8 @@ def plot_curves(metrics: MetricsLog, path: str | Path) -> Path:
                 label="mean flow token reward")
         a2.set_ylabel("flow token reward", color="tab:red")
     a.set(title="reward", xlabel="RL step")
-    a.legend(fontsize=8, loc="upper left")
+    if rl:
+        a.legend(fontsize=8, loc="upper left")
     a = ax[1, 0]
     pre = [r for r in recs if r["stage"] == "flow" and "flow_loss" in r]
     if pre:
@@ -209,8 +211,10 @@ def plot_curves(metrics: MetricsLog, path: str | Path) -> Path:
     if online:
         off = pre[-1]["step"] if pre else 0
         a.plot([off + r["step"] for r in online], [r["flow_loss"] for r in online], label="online (correct rollouts)")
-    a.set(title="flow-matching loss", xlabel="flow update", yscale="log")
-    a.legend(fontsize=8)
+    a.set(title="flow-matching loss", xlabel="flow update")
+    if pre or online:
+        a.set_yscale("log")
+        a.legend(fontsize=8)
     a = ax[1, 1]
     if rl:
         a.plot([r["step"] for r in rl], [r["response_len"] for r in rl])

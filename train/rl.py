@@ -108,6 +108,8 @@ def rl_step(run: Run, ddp: torch.nn.Module, opt: torch.optim.Optimizer,
         D.average_gradients(run.field.parameters(), info)
         flow_opt.step()
         metrics["flow_loss"] = floss.item()
+    run.last_rollout = {"action_mask": action, "token_rewards": token_rewards, "advantages": adv.detach(),
+                        "outcome": outcome}
     return metrics
 
 
