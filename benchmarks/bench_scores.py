@@ -37,11 +37,12 @@ LAYER_FRACS = (0.25, 0.5, 0.75)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cuda: the DESIGN.md §4 shapes in bf16; cpu: a toy shape in fp32 (Triton interpreted)")
-    parser.add_argument("--csv", type=Path, default=None,
-                        help="CSV file to append to (default: benchmarks/results/scores.csv)")
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.common import bench_parser
+
+    parser = bench_parser(
+        __doc__, "cuda: the DESIGN.md §4 shapes in bf16; cpu: a toy shape in fp32 (Triton interpreted)", "scores.csv")
     parser.add_argument("--shapes", nargs="*", default=None, help="subset of shape names to run (default: all)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     return parser.parse_args(argv)
@@ -51,7 +52,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton (via flowkern) is imported
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from benchmarks.common import RESULTS_DIR, append_csv, matmul_peak_tflops, print_table

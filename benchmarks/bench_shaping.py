@@ -40,11 +40,12 @@ BYTES_PER_TOKEN = 4 + 1 + 4 + 4  # scores, mask in; rewards, advantages out
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cuda: the torch reference against the CUDA kernels; cpu: the torch path at a toy size")
-    parser.add_argument("--csv", type=Path, default=None,
-                        help="CSV file to append to (default: benchmarks/results/shaping.csv)")
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.common import bench_parser
+
+    parser = bench_parser(
+        __doc__, "cuda: the torch reference against the CUDA kernels; cpu: the torch path at a toy size", "shaping.csv")
     parser.add_argument("--sizes", nargs="*", default=None, metavar="BxT",
                         help="subset of sizes, e.g. 1024x4096 (default: all for the device)")
     return parser.parse_args(argv)
@@ -139,7 +140,6 @@ def bench_size(B: int, T: int, device, bandwidth: float) -> list[dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from benchmarks.common import RESULTS_DIR, append_csv, print_table

@@ -41,11 +41,12 @@ LAYER = 0.5
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cuda: the 1.5B and 7B shapes in bf16; cpu: a toy shape in fp32 (Triton interpreted)")
-    parser.add_argument("--csv", type=Path, default=None,
-                        help="CSV file to append to (default: benchmarks/results/train.csv)")
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.common import bench_parser
+
+    parser = bench_parser(
+        __doc__, "cuda: the 1.5B and 7B shapes in bf16; cpu: a toy shape in fp32 (Triton interpreted)", "train.csv")
     parser.add_argument("--shapes", nargs="*", default=None, help="subset of shape names to run (default: all)")
     parser.add_argument("--tokens", type=int, default=None, help="override the number of tokens per step")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
@@ -180,8 +181,6 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     """Run the benchmark; returns every row it appended to the CSV."""
     args = parse_args(argv)
     device = _device(args.device)
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     from benchmarks.common import RESULTS_DIR, append_csv, matmul_peak_tflops, print_table
 
     shapes = [s for s in SHAPES[args.device] if not args.shapes or s.name in args.shapes]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as dt
 import os
@@ -113,3 +114,12 @@ def append_csv(path: Path, rows: Iterable[Mapping[str, object]], device: torch.d
             writer.writeheader()
         writer.writerows(stamped)
     return path
+
+
+def bench_parser(doc: str, device_help: str, csv_name: str) -> argparse.ArgumentParser:
+    """An argument parser with the flags every benchmark shares: ``--device`` and ``--csv``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help=device_help)
+    parser.add_argument("--csv", type=Path, default=None,
+                        help=f"CSV file to append to (default: benchmarks/results/{csv_name})")
+    return parser

@@ -60,3 +60,19 @@ def timesteps(values: Iterable[float]) -> tuple[float, ...]:
         if not 0.0 < tau < 1.0:
             raise ValueError(f"timesteps must lie in (0, 1), got {tau}")
     return out
+
+
+def group_size(value: int, batch: int) -> None:
+    """`value` must be a positive integer that divides `batch`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"group_size must be a positive integer, got {value!r}")
+    if batch % value:
+        raise ValueError(f"group_size ({value}) must divide the batch size B ({batch})")
+
+
+def gamma(value: float) -> float:
+    """A discount in [0, 1], as a float."""
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {value}")
+    return value

@@ -55,7 +55,12 @@ class PairIndex:
 
     @property
     def n(self) -> int:
+        """Number of pairs."""
         return int(self.rows.numel())
+
+    def slice(self, start: int, stop: int) -> "PairIndex":
+        """Pairs ``start:stop`` (the `selected` mask is shared, not sliced)."""
+        return PairIndex(self.rows[start:stop], self.pos[start:stop], self.cond_pos[start:stop], self.selected)
 
     def gather(self, latents: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(targets, contexts), each [len(latents) * n, D], stacked layer-major."""

@@ -10,7 +10,8 @@ from . import _checks
 from . import backend as dispatch
 from .config import FlowConfig
 from .field import VelocityField
-from .flow import flow_pairs, flow_scores
+from .flow import flow_scores
+from .latents import check_latents, pair_index
 
 ADV_EPS = 1e-6  # added to the group std before dividing
 RTG_CHUNK = 64  # reward-to-go is scanned in chunks of this many positions
@@ -43,22 +44,8 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
     """
     if not isinstance(config, FlowConfig):
         raise TypeError(f"config must be a flowkern.FlowConfig, got {type(config).__name__}")
-    latents = list(latents)
-    if not latents:
-        raise ValueError("latents must hold at least one [B, T, D] tensor")
-    layer_fracs = [float(f) for f in layer_fracs]
-    if len(layer_fracs) != len(latents):
-        raise ValueError(f"layer_fracs has {len(layer_fracs)} entries for {len(latents)} latents")
-    for i, lat in enumerate(latents):
-        _checks.floating(f"latents[{i}]", lat)
-        if lat.dim() != 3:
-            raise ValueError(f"latents[{i}] must be [B, T, D], got shape {list(lat.shape)}")
-        if lat.shape != latents[0].shape:
-            raise ValueError(f"latents[{i}] has shape {list(lat.shape)} but latents[0] has {list(latents[0].shape)}")
+    latents, layer_fracs = check_latents(field, latents, layer_fracs, action_mask)
     B, T, D = latents[0].shape
-    if D != field.dim:
-        raise ValueError(f"latents have hidden size {D} but the field's dim is {field.dim}")
-    _checks.mask("action_mask", action_mask, (B, T))
     if noise is not None:
         noise = list(noise)
         if len(noise) != len(latents):
@@ -66,37 +53,26 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
         for i, nz in enumerate(noise):
             _checks.floating(f"noise[{i}]", nz)
             _checks.shape(f"noise[{i}]", nz, (B, T, D))
-    tensors = {f"latents[{i}]": lat for i, lat in enumerate(latents)}
-    tensors.update({f"noise[{i}]": nz for i, nz in enumerate(noise or [])})
-    device = _checks.same_device(action_mask=action_mask, **tensors)
-    for name, lat in tensors.items():
-        _checks.finite(name, lat)
+            _checks.same_device(**{"latents[0]": latents[0], f"noise[{i}]": nz})
+            _checks.finite(f"noise[{i}]", nz)
     score_backend, shape_backend = _stage_backends(backend)
 
-    _, _, valid = flow_pairs(latents[0], config.context_mode, config.shift)
-    scored = action_mask & valid[None]
-    rows, target_pos = scored.nonzero(as_tuple=True)
-    offset = {"token_pre": config.shift, "token_post": -config.shift, "identity": 0}[config.context_mode]
-    cond_pos = target_pos + offset
-    n = rows.numel()
-    scores = torch.zeros(B, T, dtype=torch.float32, device=device)
+    index = pair_index(action_mask, config, T)
+    scores = torch.zeros(B, T, dtype=torch.float32, device=action_mask.device)
     # The gathered copies are bounded: tokens are scored in chunks of at most SCORE_GATHER_BYTES of copies
     # (one chunk, hence one flow_scores call, unless the batch is large).
     per_token = sum(2 * lat.element_size() * D for lat in latents) + sum(nz.element_size() * D for nz in noise or [])
     chunk = max(1, SCORE_GATHER_BYTES // per_token)
-    fracs = torch.tensor(layer_fracs, dtype=torch.float32, device=device)
-    for start in range(0, n, chunk):
-        r, tp, cp = rows[start:start + chunk], target_pos[start:start + chunk], cond_pos[start:start + chunk]
-        m = r.numel()
+    fracs = torch.tensor(layer_fracs, dtype=torch.float32, device=action_mask.device)
+    for start in range(0, index.n, chunk):
+        part = index.slice(start, start + chunk)
+        targets, conds = part.gather(latents)
         per_layer = flow_scores(
-            field,
-            torch.cat([lat[r, tp] for lat in latents]),
-            torch.cat([lat[r, cp] for lat in latents]),
-            fracs.repeat_interleave(m),
-            timesteps=config.timesteps, noise=None if noise is None else torch.cat([nz[r, tp] for nz in noise]),
+            field, targets, conds, fracs.repeat_interleave(part.n), timesteps=config.timesteps,
+            noise=None if noise is None else torch.cat([nz[part.rows, part.pos] for nz in noise]),
             generator=generator, backend=score_backend)
-        scores[r, tp] = per_layer.view(len(latents), m).mean(0)
-    return shape_rewards(scores, scored, config, backend=shape_backend)
+        scores[part.rows, part.pos] = per_layer.view(len(latents), part.n).mean(0)
+    return shape_rewards(scores, index.selected, config, backend=shape_backend)
 
 
 def _stage_backends(backend: str) -> tuple[str, str]:
@@ -200,13 +176,8 @@ def shape_advantages(outcome: torch.Tensor, token_rewards: torch.Tensor, action_
     B = token_rewards.shape[0]
     _checks.shape("outcome", outcome, (B,))
     _checks.mask("action_mask", action_mask, token_rewards.shape)
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
-    if B % group_size:
-        raise ValueError(f"group_size ({group_size}) must divide the batch size B ({B})")
-    gamma = float(gamma)
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+    _checks.group_size(group_size, B)
+    gamma = _checks.gamma(gamma)
     device = _checks.same_device(outcome=outcome, token_rewards=token_rewards, action_mask=action_mask)
     _checks.finite("outcome", outcome)
     _checks.finite("token_rewards", token_rewards)

@@ -76,13 +76,8 @@ def shape_rewards_and_advantages(scores: torch.Tensor, action_mask: torch.Tensor
     _checks.mask("action_mask", action_mask, scores.shape)
     _checks.floating("outcome", outcome)
     _checks.shape("outcome", outcome, (scores.shape[0],))
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
-    if scores.shape[0] % group_size:
-        raise ValueError(f"group_size ({group_size}) must divide the batch size B ({scores.shape[0]})")
-    gamma = float(gamma)
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+    _checks.group_size(group_size, scores.shape[0])
+    gamma = _checks.gamma(gamma)
     device = _checks.same_device(scores=scores, action_mask=action_mask, outcome=outcome)
     reason = why_unavailable(device)
     if reason is not None:
