@@ -17,6 +17,7 @@ import torch
 from flowkern import FlowConfig, LatentTap, VelocityField, flow_reward, load_flow_field
 
 REQUIRED = os.environ.get("FLOWKERN_REQUIRE_INTEGRATIONS") == "1"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = ["<pad>", "<unk>", "</s>"] + [f"w{i}" for i in range(61)]
 HIDDEN = 32
 FLOW_CONFIG = FlowConfig(depth=2, norm="minmax", threshold=0.0, topk=3, coef=0.01)
@@ -29,9 +30,15 @@ def need(name: str):
     return pytest.importorskip(name)
 
 
+def subprocess_env(**extra: str) -> dict:
+    """The environment for child Pythons: offline, importing flowkern from this checkout first."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, **extra}
+
+
 def run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          env=subprocess_env())
 
 
 def test_importing_flowkern_never_imports_trl_or_verl():
@@ -228,7 +235,7 @@ def test_two_ranks_keep_identical_flows(tmp_path):
     script.write_text(DDP_SCRIPT)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script), os.path.dirname(__file__), str(tmp_path)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+                          timeout=300, env=subprocess_env(OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)

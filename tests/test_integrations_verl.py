@@ -18,6 +18,7 @@ import torch
 from flowkern import FlowConfig, LatentTap, VelocityField, flow_reward, shape_advantages
 
 REQUIRED = os.environ.get("FLOWKERN_REQUIRE_INTEGRATIONS") == "1"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HIDDEN = 32
 
 
@@ -26,6 +27,12 @@ def need(name: str):
     if REQUIRED:
         return importlib.import_module(name)
     return pytest.importorskip(name)
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment for child Pythons: offline, importing flowkern from this checkout first."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +47,8 @@ def verl_integration():
 def test_missing_verl_raises_import_error_naming_the_extra():
     done = subprocess.run([sys.executable, "-c", "import sys\nsys.modules['verl'] = None\n"
                            "try:\n    import flowkern.integrations.verl\nexcept ImportError as e:\n    print(e)\n"
-                           "else:\n    print('imported')"], capture_output=True, text=True, timeout=120)
+                           "else:\n    print('imported')"], capture_output=True, text=True, timeout=120,
+                          env=subprocess_env())
     assert done.returncode == 0, done.stderr
     assert "pip install flowkern[verl]" in done.stdout
 
@@ -316,5 +324,5 @@ print("fsdp ok")
 
 def test_hook_on_fsdp_wrapped_actor_matches_the_bare_module(verl_integration, tmp_path):
     done = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, str(tmp_path / "pg")], capture_output=True, text=True,
-                          timeout=240, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          timeout=240, env=subprocess_env())
     assert done.returncode == 0 and "fsdp ok" in done.stdout, done.stderr[-3000:]
