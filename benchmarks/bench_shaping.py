@@ -95,7 +95,6 @@ def copy_bandwidth(device) -> float:
 
 
 def bench_size(B: int, T: int, device, bandwidth: float) -> list[dict]:
-    import torch
 
     from benchmarks.common import time_ms
     from flowkern import FlowConfig, shape_advantages, shape_rewards

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+
+import pytest
 import torch
 
 from flowkern import VelocityField
@@ -16,3 +20,20 @@ def random_field(dim: int, depth: int, seed: int = 0, dtype: torch.dtype = torch
         for p in field.parameters():
             p.normal_(0.0, scale if p.dim() > 1 else 0.1)
     return field.to(dtype)
+
+
+REQUIRE_INTEGRATIONS = os.environ.get("FLOWKERN_REQUIRE_INTEGRATIONS") == "1"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def need(name: str):
+    """Import `name`, skipping the test where it is absent, unless CI requires the integrations."""
+    if REQUIRE_INTEGRATIONS:
+        return importlib.import_module(name)
+    return pytest.importorskip(name)
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment for child Pythons: offline, importing flowkern from this checkout first."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, **extra}

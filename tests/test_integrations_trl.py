@@ -6,34 +6,19 @@ Skipped without trl, except under FLOWKERN_REQUIRE_INTEGRATIONS=1 (CI), where a 
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import need, subprocess_env
 
 from flowkern import FlowConfig, LatentTap, VelocityField, flow_reward, load_flow_field
 
-REQUIRED = os.environ.get("FLOWKERN_REQUIRE_INTEGRATIONS") == "1"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = ["<pad>", "<unk>", "</s>"] + [f"w{i}" for i in range(61)]
 HIDDEN = 32
 FLOW_CONFIG = FlowConfig(depth=2, norm="minmax", threshold=0.0, topk=3, coef=0.01)
-
-
-def need(name: str):
-    """Import `name`, skipping the test where it is absent, unless CI requires the integrations."""
-    if REQUIRED:
-        return importlib.import_module(name)
-    return pytest.importorskip(name)
-
-
-def subprocess_env(**extra: str) -> dict:
-    """The environment for child Pythons: offline, importing flowkern from this checkout first."""
-    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, **extra}
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:

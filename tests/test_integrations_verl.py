@@ -6,33 +6,17 @@ Skipped without verl, except under FLOWKERN_REQUIRE_INTEGRATIONS=1 (CI), where a
 
 from __future__ import annotations
 
-import importlib
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from helpers import need, subprocess_env
 
 from flowkern import FlowConfig, LatentTap, VelocityField, flow_reward, shape_advantages
 
-REQUIRED = os.environ.get("FLOWKERN_REQUIRE_INTEGRATIONS") == "1"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HIDDEN = 32
-
-
-def need(name: str):
-    """Import `name`, skipping the test where it is absent, unless CI requires the integrations."""
-    if REQUIRED:
-        return importlib.import_module(name)
-    return pytest.importorskip(name)
-
-
-def subprocess_env(**extra: str) -> dict:
-    """The environment for child Pythons: offline, importing flowkern from this checkout first."""
-    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, **extra}
 
 
 @pytest.fixture(scope="module")

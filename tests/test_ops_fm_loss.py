@@ -13,7 +13,7 @@ import torch
 
 import flowkern as fk
 from flowkern import backend as dispatch
-from flowkern.testing import assert_close, tolerance
+from flowkern.testing import assert_close
 
 from helpers import random_field
 
