@@ -40,10 +40,11 @@ class TrainConfig:
     # task
     n_train: int = _f(20000, "train problems")
     n_heldout: int = _f(400, "held-out problems (evaluation)")
-    min_ops: int = _f(2, "fewest operations per problem")
-    max_ops: int = _f(3, "most operations per problem")
-    max_operand: int = _f(40, "largest operand")
-    max_value: int = _f(99, "largest intermediate value")
+    min_ops: int = _f(3, "fewest operations per problem")
+    max_ops: int = _f(4, "most operations per problem")
+    max_operand: int = _f(9, "largest operand")
+    max_value: int = _f(30, "largest intermediate value")
+    direct_share: float = _f(0.5, "share of expert traces that state the answer without the chain of thought")
     verifier: str = _f("auto", "answer checker: auto, exact or math-verify")
     # embedded policy
     hidden: int = _f(128, "tiny decoder hidden size")
@@ -51,11 +52,11 @@ class TrainConfig:
     heads: int = _f(4, "tiny decoder attention heads")
     intermediate: int = _f(512, "tiny decoder MLP size")
     # SFT
-    sft_steps: int = _f(450, "SFT steps on expert traces")
+    sft_steps: int = _f(500, "SFT steps on expert traces")
     sft_batch: int = _f(64, "SFT batch size (global)")
     sft_lr: float = _f(2e-3, "SFT peak learning rate (warmup then cosine)")
     # flow
-    flow_steps: int = _f(150, "flow pretraining steps on expert latents (policy frozen)")
+    flow_steps: int = _f(100, "flow pretraining steps on expert latents (policy frozen)")
     flow_batch: int = _f(64, "flow pretraining batch size (traces, global)")
     flow_lr: float = _f(1e-3, "flow pretraining learning rate (Adam)")
     flow_online_lr: float = _f(1e-4, "online flow update learning rate (Adam)")
@@ -69,21 +70,22 @@ class TrainConfig:
     flow_context: str = _f("token_pre", "flow context mode: token_pre, token_post or identity")
     # RL
     shaping: str = _f("flow", "advantage shaping: none (RLVR), flow (RLFR) or entropy (Cheng et al. 2025)")
-    rl_steps: int = _f(90, "GRPO steps")
+    rl_steps: int = _f(60, "GRPO steps")
     batch_size: int = _f(128, "rollouts per GRPO step (global) = prompts x group size")
     group_size: int = _f(8, "samples per prompt n")
-    rl_lr: float = _f(1e-4, "policy learning rate in RL (AdamW)")
+    rl_lr: float = _f(3e-5, "policy learning rate in RL (AdamW)")
+    rl_warmup: int = _f(15, "RL steps of linear learning-rate warmup (Adam's first steps are sign-like and large)")
     temperature: float = _f(1.0, "sampling temperature of rollouts")
-    max_new_tokens: int = _f(48, "longest response")
+    max_new_tokens: int = _f(56, "longest response")
     clip_eps: float = _f(0.2, "PPO clip range")
     ppo_epochs: int = _f(1, "policy updates per rollout batch")
     gamma: float = _f(1.0, "discount of the flow reward-to-go")
     entropy_alpha: float = _f(0.4, "entropy shaping: alpha * detached entropy")
     entropy_kappa: float = _f(2.0, "entropy shaping: clip at |advantage| / kappa")
     # eval and checkpoints
-    eval_every: int = _f(30, "RL steps between held-out evaluations (0: only at the end)")
+    eval_every: int = _f(20, "RL steps between held-out evaluations (0: only at the end)")
     pass_k: int = _f(4, "k of pass@k (k samples per held-out problem)")
-    ckpt_every: int = _f(30, "steps between checkpoints in each stage")
+    ckpt_every: int = _f(50, "steps between checkpoints in each stage")
     keep_ckpts: int = _f(2, "checkpoints kept on disk")
     report_rollouts: int = _f(8, "rollouts shown in the HTML heat-map")
     progress: bool = _f(True, "show tqdm progress bars")
@@ -91,7 +93,8 @@ class TrainConfig:
     # ------------------------------------------------------------------ derived
     def task_spec(self) -> TaskSpec:
         """The task difficulty as a `TaskSpec`."""
-        return TaskSpec(n_ops=(self.min_ops, self.max_ops), max_operand=self.max_operand, max_value=self.max_value)
+        return TaskSpec(n_ops=(self.min_ops, self.max_ops), max_operand=self.max_operand, max_value=self.max_value,
+                         direct_share=self.direct_share)
 
     def flow_config(self) -> FlowConfig:
         """The `FlowConfig` of the flow environment."""
@@ -121,7 +124,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer; got {value!r}")
-        for name in ("sft_steps", "flow_steps", "rl_steps", "eval_every", "threads", "report_rollouts"):
+        for name in ("sft_steps", "flow_steps", "rl_steps", "rl_warmup", "eval_every", "threads", "report_rollouts"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a non-negative integer; got {value!r}")

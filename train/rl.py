@@ -128,6 +128,8 @@ def run_rl(run: Run) -> None:
             o.load_state_dict(state)
     bar = run.progress(cfg.rl_steps, start, f"rl ({cfg.shaping})")
     for step in range(start + 1, cfg.rl_steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = cfg.rl_lr * min(1.0, step / max(1, cfg.rl_warmup))
         local = rl_step(run, ddp, opt, flow_opt)
         keys = sorted(local)
         means = dict(zip(keys, (v / info.world for v in D.all_sum([local[k] for k in keys], info))))

@@ -6,6 +6,11 @@ operation per step and boxes the result::
 
     17+25=42, then 42-9=33, so the answer is \\boxed{33}
 
+Like real SFT data, the expert traces mix two styles: a share
+(``TaskSpec.direct_share``) states the answer at once (``the answer is
+\\boxed{33}``). Both are correct, but a tiny model that imitates the direct
+style guesses far more often, which leaves RL a behaviour to select.
+
 Problems are drawn from a seeded generator; the train and held-out splits
 come from different seeds and are disjoint (held-out problems never occur in
 the train split).
@@ -52,12 +57,14 @@ class TaskSpec:
         max_operand: operands are drawn from [1, max_operand].
         max_value: every intermediate result stays in [0, max_value].
         ops: the operators that may appear ("+", "-", "*"); "*" uses operands ≤ 9.
+        direct_share: fraction of expert traces that give the answer without the chain.
     """
 
     n_ops: tuple[int, int] = (2, 3)
     max_operand: int = 40
     max_value: int = 99
     ops: tuple[str, ...] = ("+", "-")
+    direct_share: float = 0.0
 
     def __post_init__(self) -> None:
         lo, hi = self.n_ops
@@ -68,6 +75,8 @@ class TaskSpec:
         bad = [op for op in self.ops if op not in OPS]
         if not self.ops or bad:
             raise ValueError(f"TaskSpec.ops must be a non-empty subset of {OPS}, got {self.ops}")
+        if not 0.0 <= self.direct_share <= 1.0:
+            raise ValueError(f"TaskSpec.direct_share must lie in [0, 1], got {self.direct_share}")
 
 
 def _step(rng: random.Random, value: int, spec: TaskSpec) -> tuple[str, int]:
@@ -101,6 +110,8 @@ def make_problem(rng: random.Random, spec: TaskSpec) -> Problem:
         steps.append(f"{value}{op}{b}={new}")
         expr += f"{op}{b}"
         value = new
+    if rng.random() < spec.direct_share:
+        return Problem(prompt=f"{expr}=", solution=f"the answer is \\boxed{{{value}}}", answer=value)
     chain = steps[0] + "".join(f", then {s}" for s in steps[1:])
     return Problem(prompt=f"{expr}=", solution=f"{chain}, so the answer is \\boxed{{{value}}}", answer=value)
 
