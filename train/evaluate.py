@@ -212,8 +212,10 @@ def plot_curves(metrics: MetricsLog, path: str | Path) -> Path:
         off = pre[-1]["step"] if pre else 0
         a.plot([off + r["step"] for r in online], [r["flow_loss"] for r in online], label="online (correct rollouts)")
     a.set(title="flow-matching loss", xlabel="flow update")
-    if pre or online:
-        a.set_yscale("log")
+    values = [r["flow_loss"] for r in pre + online]
+    if values:
+        if min(values) > 0:
+            a.set_yscale("log")
         a.legend(fontsize=8)
     a = ax[1, 1]
     if rl:
