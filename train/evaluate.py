@@ -170,8 +170,12 @@ def flow_report(run: Run, n_rollouts: int, n_table: int = 128) -> dict[str, Any]
 
 # ----------------------------------------------------------------------------- curves
 
-def plot_curves(metrics: MetricsLog, path: str | Path) -> Path:
-    """PNG with four panels: accuracy, reward, flow loss and response length over training."""
+def plot_curves(metrics: MetricsLog, path: str | Path, start_eval: dict[str, Any] | None = None) -> Path:
+    """PNG with four panels: accuracy, reward, flow loss and response length over training.
+
+    `start_eval` (the after-SFT evaluation) is drawn at RL step 0 when the log
+    has none, e.g. for a run started with ``--init-from``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,6 +184,8 @@ def plot_curves(metrics: MetricsLog, path: str | Path) -> Path:
     recs = metrics.records()
     rl = [r for r in recs if r["stage"] == "rl" and r["kind"] == "train"]
     evals = [r for r in recs if r["kind"] == "eval"]
+    if start_eval and not any(r["stage"] == "sft" for r in evals):
+        evals.insert(0, {"stage": "sft", "step": 0, **start_eval})
     fig, ax = plt.subplots(2, 2, figsize=(11, 7.5))
     a = ax[0, 0]
     if rl:

@@ -139,7 +139,7 @@ def run_pipeline(cfg: TrainConfig) -> dict[str, Any]:
         if info.main and cfg.stop_after in (None, "rl"):
             t0 = time.perf_counter()
             report = flow_report(run, cfg.report_rollouts)
-            plot_curves(run.metrics, run.out / "curves.png")
+            plot_curves(run.metrics, run.out / "curves.png", run.summary.get("sft_eval"))
             times["report"] = time.perf_counter() - t0
             extra = {"token_classes": report["token_classes"], "outputs": {
                 "metrics": str(run.out / "metrics.jsonl"), "curves": str(run.out / "curves.png"),
