@@ -78,6 +78,13 @@ def test_verify_and_extract():
         verify("\\boxed{1}", 1, method="bogus")
 
 
+def test_math_verify_path():
+    pytest.importorskip("math_verify")
+    assert verify("so \\boxed{42}", 42, method="math-verify")
+    assert not verify("so \\boxed{41}", 42, method="math-verify")
+    assert verify("\\boxed{\\frac{1}{2}}", "0.5")  # auto: a non-integer answer goes to math-verify
+
+
 def test_tokenizer_round_trip_and_reload(tmp_path):
     train, held = make_splits(0, 200, 20, TaskSpec(ops=("+", "-", "*")))
     tok = build_tokenizer(p.text for p in train)

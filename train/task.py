@@ -19,7 +19,6 @@ the train split).
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -31,7 +30,6 @@ except Exception:  # pragma: no cover - depends on the environment
 HAS_MATH_VERIFY = _math_verify is not None
 VERIFIERS = ("auto", "exact", "math-verify")
 OPS = ("+", "-", "*")
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
 @dataclass(frozen=True)
@@ -148,9 +146,16 @@ def make_splits(seed: int, n_train: int, n_heldout: int, spec: Optional[TaskSpec
 
 
 def extract_boxed(text: str) -> Optional[str]:
-    """Content of the last ``\\boxed{...}`` in `text` (spaces removed), or None."""
-    found = _BOXED.findall(text)
-    return found[-1].replace(" ", "") if found else None
+    """Content of the last ``\\boxed{...}`` in `text` (nested braces allowed, spaces removed), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 1, start + len("\\boxed{")
+    for i in range(begin, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[begin:i].replace(" ", "")
+    return None
 
 
 def verify(response: str, answer: object, method: str = "auto") -> bool:
