@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
-from flowkern import FlowConfig, LatentTap, VelocityField, flow_matching_loss, flow_pairs, save_flow_field
+from flowkern import LatentTap, latent_flow_loss, save_flow_field
 
 from . import distributed as D
 from .checkpoint import save_checkpoint
@@ -23,32 +23,6 @@ def policy_latents(policy, batch: dict[str, torch.Tensor], layers: Sequence[floa
         D.unwrap(policy)(input_ids=batch["input_ids"], attention_mask=am, position_ids=position_ids(am),
                          use_cache=False)
     return tap.latents, tap.layer_fracs
-
-
-def flow_loss(field: VelocityField, latents: Sequence[torch.Tensor], layer_fracs: Sequence[float],
-              weights: torch.Tensor, config: FlowConfig, *, repeats: int = 1,
-              generator: Optional[torch.Generator] = None, backend: str = "auto") -> torch.Tensor:
-    """Flow-matching loss over every hooked layer's (context, target) pairs.
-
-    `weights` [B, T] (bool or float) weighs each *target* position, e.g. the
-    action mask, times 1 for correct rollouts and ``soft`` for the others.
-    Pairs of all layers are gathered into one `flowkern.flow_matching_loss`
-    call (weight-0 tokens are dropped first), with ℓ = the layer fraction.
-    """
-    targets, conds, layers, ws = [], [], [], []
-    w_all = weights.float()
-    for lat, frac in zip(latents, layer_fracs):
-        cond, target, valid = flow_pairs(lat, config.context_mode, config.shift)
-        w = w_all[:, valid]
-        keep = w > 0
-        targets.append(target[keep])
-        conds.append(cond[keep])
-        ws.append(w[keep])
-        layers.append(torch.full((int(keep.sum()),), float(frac), device=lat.device))
-    target, cond, layer, w = torch.cat(targets), torch.cat(conds), torch.cat(layers), torch.cat(ws)
-    if target.shape[0] == 0:  # nothing to learn from: a zero loss that still touches the graph
-        return sum(p.sum() for p in field.parameters()) * 0.0
-    return flow_matching_loss(field, target, cond, layer, w, repeats=repeats, generator=generator, backend=backend)
 
 
 def run_flow_pretrain(run: Run) -> None:
@@ -73,8 +47,8 @@ def run_flow_pretrain(run: Run) -> None:
         probs = [run.train[i] for i in idx]
         batch = encode_traces(run.tokenizer, [p.prompt for p in probs], [p.solution for p in probs], run.device)
         latents, fracs = policy_latents(run.policy, batch, fcfg.hook_layers)
-        loss = flow_loss(field, latents, fracs, batch["action_mask"], fcfg, repeats=cfg.flow_repeats,
-                         backend=cfg.backend)
+        loss = latent_flow_loss(field, latents, batch["action_mask"], fcfg, layer_fracs=fracs,
+                                repeats=cfg.flow_repeats, backend=cfg.backend)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         D.average_gradients(field.parameters(), info)

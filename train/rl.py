@@ -23,13 +23,12 @@ from typing import Optional
 
 import torch
 
-from flowkern import LatentTap, flow_reward, shape_advantages
+from flowkern import LatentTap, flow_reward, latent_flow_loss, shape_advantages
 
 from . import distributed as D
 from .checkpoint import save_checkpoint
 from .context import Run
 from .evaluate import evaluate_policy
-from .flow_pretrain import flow_loss
 from .policy import decode_responses, forward_logprobs, generate
 from .sft import masked_token_mean
 from .task import verify_batch
@@ -101,8 +100,8 @@ def rl_step(run: Run, ddp: torch.nn.Module, opt: torch.optim.Optimizer,
     if flow_opt is not None:
         weights = action.float() * torch.where(outcome > 0, 1.0, cfg.flow_soft)[:, None]
         run.field.train()
-        floss = flow_loss(run.field, latents, fracs, weights, run.flow_config, repeats=cfg.flow_repeats,
-                          backend=cfg.backend)
+        floss = latent_flow_loss(run.field, latents, weights, run.flow_config, layer_fracs=fracs,
+                                 repeats=cfg.flow_repeats, backend=cfg.backend)
         flow_opt.zero_grad(set_to_none=True)
         floss.backward()
         D.average_gradients(run.field.parameters(), info)

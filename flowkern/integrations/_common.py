@@ -2,7 +2,7 @@
 and the online flow-matching update.
 
 Nothing here imports trl or verl. The maths lives in the core API (`flow_reward`,
-`flow_matching_loss`, `flow_pairs`, `shape_advantages`); this module only lines
+`latent_flow_loss`, `flow_pairs`, `shape_advantages`); this module only lines
 up padded trainer batches with it.
 """
 
@@ -18,7 +18,8 @@ from torch import nn
 from ..checkpoint import load_flow_field
 from ..config import FlowConfig
 from ..field import VelocityField
-from ..flow import flow_matching_loss, flow_pairs
+from ..flow import flow_pairs
+from ..latents import latent_flow_loss
 from ..tap import find_decoder_layers
 
 FlowLike = Union[VelocityField, str, os.PathLike]
@@ -196,30 +197,20 @@ def flow_update(field: VelocityField, optimizer: torch.optim.Optimizer, latents:
     Returns the global loss, or None when no token has weight anywhere (no step is taken).
     """
     device = field.input_proj.weight.device
-    targets, conds, layers, token_w = [], [], [], []
-    for latent, frac in zip(latents, layer_fracs):
-        cond, target, valid = flow_pairs(latent, config.context_mode, config.shift)
-        rows_w = (mask[:, valid].float() * weights.float()[:, None])
-        keep = rows_w > 0
-        targets.append(target[keep])
-        conds.append(cond[keep])
-        token_w.append(rows_w[keep])
-        layers.append(torch.full((int(keep.sum()),), float(frac), device=latent.device))
-    target, cond = torch.cat(targets).to(device), torch.cat(conds).to(device)
-    w, layer = torch.cat(token_w).to(device), torch.cat(layers).to(device)
-    totals = all_reduce_sum(torch.stack([w.sum(), torch.tensor(float(w.numel()), device=device)]).double(),
-                            process_group)
+    latents = [latent.to(device) for latent in latents]
+    token_w = mask.to(device).float() * weights.to(device).float()[:, None]
+    _, _, valid = flow_pairs(latents[0], config.context_mode, config.shift)
+    local_w = token_w[:, valid].sum() * len(latents)  # the loss's own normaliser: pairs × layers
+    totals = all_reduce_sum(local_w.double().reshape(1), process_group)
     global_w = float(totals[0])
     if global_w <= 0:
         return None
     optimizer.zero_grad(set_to_none=False)
-    if w.numel():
-        local = flow_matching_loss(field, target, cond, layer, w, repeats=repeats, generator=generator,
-                                   backend=backend)
-        (local * (float(w.sum()) / global_w)).backward()
-        local_share = local.detach() * (float(w.sum()) / global_w)
-    else:
-        local_share = torch.zeros((), device=device)
+    share = float(local_w) / global_w
+    local = latent_flow_loss(field, latents, token_w, config, layer_fracs=layer_fracs, repeats=repeats,
+                             generator=generator, backend=backend)
+    (local * share).backward()
+    local_share = local.detach() * share
     for p in field.parameters():
         if p.grad is None:
             p.grad = torch.zeros_like(p)
