@@ -95,16 +95,21 @@ def shape_rewards(scores: torch.Tensor, action_mask: torch.Tensor, config: FlowC
     ``r = -config.coef * s`` on kept tokens. Everything else is 0. A row with no
     action token is all zero; a constant row normalises to 0.
     """
+    check_shaping_inputs(scores, action_mask, config)
+    device = _checks.same_device(scores=scores, action_mask=action_mask)
+    _checks.finite("scores", scores.masked_fill(~action_mask, 0))
+    _, fn = dispatch.resolve("shape_rewards", backend, device)
+    return fn(scores, action_mask, config)
+
+
+def check_shaping_inputs(scores: torch.Tensor, action_mask: torch.Tensor, config: FlowConfig) -> None:
+    """`config` is a FlowConfig, `scores` a floating [B, T] tensor and `action_mask` a bool [B, T] tensor."""
     if not isinstance(config, FlowConfig):
         raise TypeError(f"config must be a flowkern.FlowConfig, got {type(config).__name__}")
     _checks.floating("scores", scores)
     if scores.dim() != 2:
         raise ValueError(f"scores must be [B, T], got shape {list(scores.shape)}")
     _checks.mask("action_mask", action_mask, scores.shape)
-    device = _checks.same_device(scores=scores, action_mask=action_mask)
-    _checks.finite("scores", scores.masked_fill(~action_mask, 0))
-    _, fn = dispatch.resolve("shape_rewards", backend, device)
-    return fn(scores, action_mask, config)
 
 
 def _normalise(scores: torch.Tensor, action: torch.Tensor, norm: str) -> torch.Tensor:

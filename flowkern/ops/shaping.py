@@ -18,6 +18,7 @@ import torch
 from .. import _C, _checks
 from .. import backend as dispatch
 from ..config import FlowConfig
+from ..reward import check_shaping_inputs
 
 NORM_CODES: dict[str, int] = dict(_C.NORM_CODES)
 
@@ -68,12 +69,7 @@ def shape_rewards_and_advantages(scores: torch.Tensor, action_mask: torch.Tensor
     Returns:
         (token rewards [B, T] fp32, advantages [B, T] fp32).
     """
-    if not isinstance(config, FlowConfig):
-        raise TypeError(f"config must be a flowkern.FlowConfig, got {type(config).__name__}")
-    _checks.floating("scores", scores)
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be [B, T], got shape {list(scores.shape)}")
-    _checks.mask("action_mask", action_mask, scores.shape)
+    check_shaping_inputs(scores, action_mask, config)
     _checks.floating("outcome", outcome)
     _checks.shape("outcome", outcome, (scores.shape[0],))
     _checks.group_size(group_size, scores.shape[0])
