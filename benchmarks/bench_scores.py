@@ -42,9 +42,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     from benchmarks.common import bench_parser
 
     parser = bench_parser(
-        __doc__, "cuda: the DESIGN.md §4 shapes in bf16; cpu: a toy shape in fp32 (Triton interpreted)", "scores.csv")
-    parser.add_argument("--shapes", nargs="*", default=None, help="subset of shape names to run (default: all)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+        __doc__, "cuda: the DESIGN.md §4 shapes in bf16; cpu: a toy shape in fp32 (Triton interpreted)", "scores.csv",
+        field_shapes=True)
     return parser.parse_args(argv)
 
 

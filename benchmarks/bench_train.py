@@ -46,10 +46,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     from benchmarks.common import bench_parser
 
     parser = bench_parser(
-        __doc__, "cuda: the 1.5B and 7B shapes in bf16; cpu: a toy shape in fp32 (Triton interpreted)", "train.csv")
-    parser.add_argument("--shapes", nargs="*", default=None, help="subset of shape names to run (default: all)")
+        __doc__, "cuda: the 1.5B and 7B shapes in bf16; cpu: a toy shape in fp32 (Triton interpreted)", "train.csv",
+        field_shapes=True)
     parser.add_argument("--tokens", type=int, default=None, help="override the number of tokens per step")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     return parser.parse_args(argv)
 
 

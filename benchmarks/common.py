@@ -116,10 +116,18 @@ def append_csv(path: Path, rows: Iterable[Mapping[str, object]], device: torch.d
     return path
 
 
-def bench_parser(doc: str, device_help: str, csv_name: str) -> argparse.ArgumentParser:
-    """An argument parser with the flags every benchmark shares: ``--device`` and ``--csv``."""
+def bench_parser(doc: str, device_help: str, csv_name: str, *, field_shapes: bool = False
+                 ) -> argparse.ArgumentParser:
+    """An argument parser with the flags every benchmark shares: ``--device`` and ``--csv``.
+
+    With `field_shapes`, also the flags of the velocity-field benchmarks: ``--shapes`` (a subset of the
+    named shapes) and ``--no-compile`` (skip the torch.compile row).
+    """
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help=device_help)
     parser.add_argument("--csv", type=Path, default=None,
                         help=f"CSV file to append to (default: benchmarks/results/{csv_name})")
+    if field_shapes:
+        parser.add_argument("--shapes", nargs="*", default=None, help="subset of shape names to run (default: all)")
+        parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     return parser
