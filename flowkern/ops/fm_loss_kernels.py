@@ -61,14 +61,20 @@ def _sm_count(index: int) -> int:
 
 def row_tiling(rows: int, width: int, device: torch.device) -> RowTiling:
     """The launch geometry for `rows` rows of `width` elements on `device` (rows >= 1)."""
-    block_d = triton.next_power_of_2(width)
     if interpreting() or device.type != "cuda":
+        block_d = triton.next_power_of_2(width)
         block_m = max(1, min(triton.next_power_of_2(rows), _INTERPRETER_TILE // block_d))
         return RowTiling(block_d, block_m, block_m, triton.cdiv(rows, block_m), 1)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return gpu_row_tiling(rows, width, _sm_count(index))
+
+
+def gpu_row_tiling(rows: int, width: int, sm_count: int) -> RowTiling:
+    """The GPU launch geometry for `rows` rows of `width` elements on a device with `sm_count` SMs."""
+    block_d = triton.next_power_of_2(width)
     block_m = max(1, min(32, _GPU_TILE // block_d))
     num_warps = max(1, min(16, block_m * block_d // 512))
-    target = _PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    rows_per_prog = triton.cdiv(triton.cdiv(rows, target), block_m) * block_m
+    rows_per_prog = triton.cdiv(triton.cdiv(rows, _PROGRAMS_PER_SM * sm_count), block_m) * block_m
     return RowTiling(block_d, block_m, rows_per_prog, triton.cdiv(rows, rows_per_prog), num_warps)
 
 

@@ -66,13 +66,16 @@ def _gemm_config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.C
 
 
 # Plain GEMMs [M, W] x [W, W]^T; BN a multiple of SLOT. First entry: the tile DESIGN §4 measured near
-# cuBLAS on an H200, and the interpreter's only config (large blocks keep its program count low). Few
-# configs on purpose: each is compiled per epilogue variant on first use (~2 s each for bf16 on sm_90).
-# The last entry of each list is the one an fp32 field gets (`_fp32_prune`): its operands take twice
-# the shared memory, and each fp32 variant takes ~20 s to compile.
+# cuBLAS on an H200, and the interpreter's only config (large blocks keep its program count low). The
+# 128x128 entry with 8 warps holds half the accumulator per thread: the only one of the three that
+# `benchmarks/kernel_report.py` shows free of register spills with every epilogue (the cond GEMM's
+# timestep loop and the residual epilogue spill 100-400 B per thread at 128x256 on sm_90), so autotuning
+# can trade tile size against spills. Few configs on purpose: each is compiled per epilogue variant on
+# first use (~1 s each for bf16 on sm_90). The last entry of each list is the one an fp32 field gets
+# (`_fp32_prune`): its operands take twice the shared memory, and each fp32 variant takes ~20 s to compile.
 _GEMM_CONFIGS = [
     _gemm_config(128, 256, 64, 8, 3),
-    _gemm_config(128, 128, 64, 4, 4),
+    _gemm_config(128, 128, 64, 8, 4),
     _gemm_config(128, 256, 32, 8, 4),
 ]
 # adaLN GEMMs carry 2 or 3 accumulators of [BM, BN] each (shift, scale[, gate]): narrower tiles.
@@ -81,11 +84,11 @@ _MODULATE_CONFIGS = [
     _gemm_config(64, 128, 64, 4, 3),
     _gemm_config(128, 64, 32, 4, 4),
 ]
-# The output GEMM's epilogue runs Philox on its tile: at BN=256 it spills ~1.8 KB per thread on sm_90
-# (ptxas, triton 3.8), at 128x128 with 8 warps ~120 B.
+# The output GEMM's epilogue runs Philox on its tile: per thread on sm_90 (triton 3.8) it spills ~1.7 KB
+# at 128x256, ~90 B at 128x128 and nothing beyond Philox's 32 B frame at 128x64, all with 8 warps.
 _SCORE_CONFIGS = [
     _gemm_config(128, 128, 64, 8, 3),
-    _gemm_config(128, 64, 64, 4, 4),
+    _gemm_config(128, 64, 64, 8, 3),
 ]
 
 
