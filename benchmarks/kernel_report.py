@@ -32,12 +32,12 @@ from typing import Optional, Sequence
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real, before triton (via flowkern) is imported
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
-from triton.runtime.autotuner import Autotuner  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:

@@ -15,7 +15,9 @@ import flowkern as fk
 from flowkern import backend as dispatch
 from flowkern.testing import assert_close
 
-from helpers import random_field
+from helpers import need, random_field
+
+need("triton")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -56,7 +58,10 @@ def _run(field, target, cond, mask, t, noise, layer, repeats, input_grad, backen
     field.zero_grad(set_to_none=True)
     target = target.clone().to(DEVICE).requires_grad_(input_grad)
     cond = cond.clone().to(DEVICE).requires_grad_(input_grad)
-    to = (lambda x: x.to(DEVICE) if isinstance(x, torch.Tensor) else x)
+
+    def to(x):
+        return x.to(DEVICE) if isinstance(x, torch.Tensor) else x
+
     loss = fk.flow_matching_loss(field, target, cond, to(layer), to(mask), t=to(t), noise=to(noise), repeats=repeats,
                                  input_grad=input_grad, backend=backend)
     combine(loss).backward()

@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import need, random_field
+
+need("triton")  # before flowkern.ops.scores, which imports it
 import flowkern as fk
 from flowkern.ops import scores
 from flowkern.testing import assert_close
-from helpers import random_field
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

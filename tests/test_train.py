@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import need
+
+need("matplotlib")  # the `train` extra: the trainer's plots
+need("tokenizers")
 import train.rl as rl_mod
 from flowkern import VelocityField
 from train import ConfigError, TrainConfig, tiny_config

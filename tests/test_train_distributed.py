@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import need
+
+need("matplotlib")  # the `train` extra
+need("tokenizers")
 from train import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
