@@ -59,13 +59,13 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
 
     index = pair_index(action_mask, config, T)
     scores = torch.zeros(B, T, dtype=torch.float32, device=action_mask.device)
-    # The gathered copies are bounded: tokens are scored in chunks of at most SCORE_GATHER_BYTES of copies
-    # (one chunk, hence one flow_scores call, unless the batch is large).
+    # The gathered copies are bounded: tokens are scored in near-equal chunks of at most SCORE_GATHER_BYTES of
+    # copies (one chunk, hence one flow_scores call, unless the batch is large).
     per_token = sum(2 * lat.element_size() * D for lat in latents) + sum(nz.element_size() * D for nz in noise or [])
-    chunk = max(1, SCORE_GATHER_BYTES // per_token)
+    count = -(-index.n // max(1, SCORE_GATHER_BYTES // per_token))
     fracs = torch.tensor(layer_fracs, dtype=torch.float32, device=action_mask.device)
-    for start in range(0, index.n, chunk):
-        part = index.slice(start, start + chunk)
+    for i in range(count):  # chunk sizes differ by at most one token
+        part = index.slice(i * index.n // count, (i + 1) * index.n // count)
         targets, conds = part.gather(latents)
         per_layer = flow_scores(
             field, targets, conds, fracs.repeat_interleave(part.n), timesteps=config.timesteps,

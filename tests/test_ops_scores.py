@@ -89,7 +89,7 @@ def test_chunked_streaming_matches_one_pass(monkeypatch):
     one = fk.flow_scores(field, x1, cond, layer, timesteps=taus, noise=noise, backend="triton")
     per_token = len(taus) * (scores._N_BUFFERS * dim * 4 + 4 * 2)
     monkeypatch.setattr(scores, "MAX_CHUNK_BYTES", 16 * per_token)
-    assert scores._chunk_tokens(n, len(taus), dim, 4) == 13  # at most 16: chunks of 13, 13, 13, 11
+    assert scores._chunk_bounds(n, len(taus), dim, 4) == [0, 12, 25, 37, 50]  # at most 16 tokens each
     chunked = fk.flow_scores(field, x1, cond, layer, timesteps=taus, noise=noise, backend="triton")
     assert_close(chunked, one, torch.float32)
     want = fk.flow_scores(field, x1, cond, layer, timesteps=taus, noise=noise, backend="torch")
@@ -142,8 +142,12 @@ def test_flow_reward_streams_its_gathered_copies(monkeypatch, backend):
     kw = dict(layer_fracs=(0.25, 0.75), noise=noise, backend=backend)
     whole = fk.flow_reward(field, latents, action, cfg, **kw)
     per_token = 2 * (2 * 4 * dim) + 2 * 4 * dim  # two latents (target + cond copies) and two noises, fp32
-    monkeypatch.setattr(fk.reward, "SCORE_GATHER_BYTES", 7 * per_token)  # chunks of 7 tokens
+    monkeypatch.setattr(fk.reward, "SCORE_GATHER_BYTES", 7 * per_token)  # chunks of at most 7 tokens
+    calls = []
+    score = fk.reward.flow_scores
+    monkeypatch.setattr(fk.reward, "flow_scores", lambda f, t, *a, **k: calls.append(len(t) // 2) or score(f, t, *a, **k))
     assert_close(fk.flow_reward(field, latents, action, cfg, **kw), whole, torch.float32)
+    assert len(calls) > 2 and max(calls) <= 7 and max(calls) - min(calls) <= 1  # near-equal chunks
 
 
 def test_flow_reward_default_shaping_keeps_the_same_tokens():
@@ -249,14 +253,13 @@ def test_producer_tiles_align_with_partial_slots():
 
 def test_chunk_size_bounds_memory():
     for n_tok, n_t, width in [(196608, 1, 1536), (98304, 1, 3584), (10**6, 3, 4096), (7, 2, 64)]:
-        tokens = scores._chunk_tokens(n_tok, n_t, width, 2)
-        assert 1 <= tokens <= n_tok
-        assert n_t * tokens * scores._N_BUFFERS * width * 2 <= scores.MAX_CHUNK_BYTES
-        # the fewest chunks that fit, near-equal in size: no mostly empty last chunk
+        bounds = scores._chunk_bounds(n_tok, n_t, width, 2)
+        sizes = [end - start for start, end in zip(bounds, bounds[1:])]
+        assert bounds[0] == 0 and bounds[-1] == n_tok and min(sizes) >= 1
+        assert n_t * max(sizes) * scores._N_BUFFERS * width * 2 <= scores.MAX_CHUNK_BYTES
+        # the fewest chunks that fit, equal in size: no mostly empty last chunk
         limit = scores.MAX_CHUNK_BYTES // (n_t * (scores._N_BUFFERS * width * 2 + 4 * -(-width // 64)))
-        n_chunks = -(-n_tok // tokens)
-        assert n_chunks == -(-n_tok // limit)
-        assert n_tok - (n_chunks - 1) * tokens > tokens - n_chunks
+        assert len(sizes) == -(-n_tok // limit) and max(sizes) - min(sizes) <= 1
 
 
 def test_unavailable_without_interpreter_names_the_fix(monkeypatch):

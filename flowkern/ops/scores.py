@@ -379,15 +379,16 @@ def _draw_seed(generator: Optional[torch.Generator]) -> int:
     return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
 
 
-def _chunk_tokens(n_tok: int, n_timesteps: int, width: int, itemsize: int) -> int:
-    """Tokens per chunk: the fewest chunks whose intermediates fit in `MAX_CHUNK_BYTES`, of near-equal size.
+def _chunk_bounds(n_tok: int, n_timesteps: int, width: int, itemsize: int) -> list[int]:
+    """Token offsets 0 = b_0 < b_1 < ... < b_c = n_tok of the fewest chunks whose intermediates fit in
+    `MAX_CHUNK_BYTES`, their sizes differing by at most one token.
 
-    Near-equal, because every chunk runs each GEMM as its own launch: a small ragged last chunk would be a
+    Equal sizes, because every chunk runs each GEMM as its own launch: a small ragged last chunk would be a
     mostly idle wave of tiles per GEMM (at the 1.5B shape, 9 full chunks and one of 9 %).
     """
     per_token = n_timesteps * (_N_BUFFERS * width * itemsize + 4 * triton.cdiv(width, _SLOT))
-    limit = max(1, MAX_CHUNK_BYTES // per_token)
-    return triton.cdiv(n_tok, triton.cdiv(n_tok, limit))
+    count = triton.cdiv(n_tok, max(1, MAX_CHUNK_BYTES // per_token))
+    return [i * n_tok // count for i in range(count + 1)]
 
 
 def _noise_args(noise: Optional[torch.Tensor], placeholder: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -462,7 +463,8 @@ def _flow_scores_triton(field: VelocityField, target: torch.Tensor, cond: torch.
 
     n_slots = triton.cdiv(width, _SLOT)
     consts = dict(PREC=_precision(dtype), UPCAST=interpreting())
-    chunk = _chunk_tokens(n_tok, n_t, width, torch.finfo(dtype).bits // 8)
+    bounds = _chunk_bounds(n_tok, n_t, width, torch.finfo(dtype).bits // 8)
+    chunk = max(end - start for start, end in zip(bounds, bounds[1:]))
     silu_y, resid, gate, hid, mlp = torch.empty((_N_BUFFERS, n_t * chunk, width), dtype=dtype, device=device)
     part = torch.empty((n_t * chunk, n_slots), dtype=torch.float32, device=device)
     final = field.final_layer
@@ -476,8 +478,8 @@ def _flow_scores_triton(field: VelocityField, target: torch.Tensor, cond: torch.
                                              hid, gate, rows, width, width, n_slots, float(norm.eps),
                                              N_ACC=n_acc, SLOTS_P2=triton.next_power_of_2(n_slots), **consts)
 
-    for row0 in range(0, n_tok, chunk):
-        n = min(chunk, n_tok - row0)
+    for row0, end in zip(bounds, bounds[1:]):
+        n = end - row0
         rows = n_t * n
         x1 = target[row0:row0 + n]
         eps = None if noise is None else noise[..., row0:row0 + n, :]
