@@ -6,7 +6,8 @@
 # per command): each step gets its own cap or what is left of the budget, whichever is less, and a step
 # that no longer fits is skipped and reported. The expected total is under 5 minutes; the last line of the
 # log says how long it took. Steps run cheapest-first, so a short budget still yields the tests and the
-# shaping figures. flowkern._C is built for sm_90 only here (FLOWKERN_CUDA_ARCHS; CI builds 8.0 and 9.0).
+# shaping figures. Last, whatever the budget, benchmarks/targets.py judges the newest figures against the
+# issues' targets (benchmarks/results/targets.md, a few seconds on the CPU). flowkern._C is built for sm_90 only here (FLOWKERN_CUDA_ARCHS; CI builds 8.0 and 9.0).
 # Results are appended under benchmarks/results/; when $OUT is set, they and a full log (gpu_check.log,
 # the cuda tests' junit XML) are copied there after every step, so a run cut short still returns them.
 set -uo pipefail
@@ -49,5 +50,7 @@ step cuda-tests 150 python -m pytest -q -m cuda tests -p no:cacheprovider ${out:
 step bench-shaping 60 python benchmarks/bench_shaping.py --device cuda
 step bench-scores 180 python benchmarks/bench_scores.py --device cuda
 step bench-train 180 python benchmarks/bench_train.py --device cuda
+python benchmarks/targets.py 2>&1 | tee -a "${log:-/dev/null}"
+[ -n "$out" ] && cp benchmarks/results/targets.md "$out"/ 2>/dev/null
 say "=== gpu_check: exit $status after ${SECONDS}s"
 exit $status
