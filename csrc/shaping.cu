@@ -41,6 +41,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 
 namespace flowkern {
 namespace {
@@ -416,18 +417,36 @@ void check_mask(const at::Tensor& mask, const at::Tensor& like, const char* fn, 
                     like.sizes(), ", got ", mask.sizes());
 }
 
-void check_cuda(const at::Tensor& t, const char* fn, const char* name) {
-  TORCH_CHECK(t.is_cuda(), kPrefix, fn, ": ", name, " must be a CUDA tensor, got a tensor on ", t.device(),
-              " (the CUDA kernels need CUDA tensors; use backend=\"torch\" for CPU tensors)");
+// The [B] outcome of a batch whose [B, T] row tensor is `rows`.
+void check_outcome(const at::Tensor& outcome, const at::Tensor& rows, const char* fn, const char* rows_name) {
+  check_float32(outcome, fn, "outcome");
+  check_dim(outcome, 1, fn, "outcome", "[B]");
+  TORCH_CHECK_VALUE(outcome.size(0) == rows.size(0), kPrefix, fn, ": outcome must have shape [", rows.size(0),
+                    "] (one per row of ", rows_name, "), got ", outcome.sizes());
 }
 
-void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
-                       const char* fn) {
-  TORCH_CHECK(a.device() == b.device(), kPrefix, fn, ": ", b_name, " is on ", b.device(), " but ", a_name, " is on ",
-              a.device());
+struct NamedTensor {
+  const at::Tensor& tensor;
+  const char* name;
+};
+
+// Every argument is a CUDA tensor, all on the first one's device; checked in argument order.
+void check_one_cuda_device(const char* fn, std::initializer_list<NamedTensor> args) {
+  const NamedTensor& first = *args.begin();
+  for (const NamedTensor& a : args) {
+    TORCH_CHECK(a.tensor.is_cuda(), kPrefix, fn, ": ", a.name, " must be a CUDA tensor, got a tensor on ",
+                a.tensor.device(), " (the CUDA kernels need CUDA tensors; use backend=\"torch\" for CPU tensors)");
+  }
+  for (const NamedTensor& a : args) {
+    TORCH_CHECK(a.tensor.device() == first.tensor.device(), kPrefix, fn, ": ", a.name, " is on ", a.tensor.device(),
+                " but ", first.name, " is on ", first.tensor.device());
+  }
 }
 
+// The [B, T] float32 row tensor of a call (scores or token rewards), small enough for the kernels' int indexing.
 void check_rows(const at::Tensor& t, const char* fn, const char* name) {
+  check_float32(t, fn, name);
+  check_dim(t, 2, fn, name, "[B, T]");
   TORCH_CHECK_VALUE(t.size(0) <= INT_MAX && t.size(1) <= INT_MAX / 2, kPrefix, fn, ": ", name, " is too large, got shape ",
                     t.sizes());
 }
@@ -505,14 +524,10 @@ const uint8_t* mask_ptr(const at::Tensor& mask) { return static_cast<const uint8
 at::Tensor shape_rewards(const at::Tensor& scores_in, const at::Tensor& mask_in, int64_t norm, double threshold,
                          int64_t topk, double coef, bool use_smem) {
   const char* fn = "shape_rewards";
-  check_float32(scores_in, fn, "scores");
-  check_dim(scores_in, 2, fn, "scores", "[B, T]");
+  check_rows(scores_in, fn, "scores");
   check_mask(mask_in, scores_in, fn, "scores");
   const ShapeArgs sa = shape_args(norm, threshold, topk, coef, fn);
-  check_cuda(scores_in, fn, "scores");
-  check_cuda(mask_in, fn, "action_mask");
-  check_same_device(scores_in, "scores", mask_in, "action_mask", fn);
-  check_rows(scores_in, fn, "scores");
+  check_one_cuda_device(fn, {{scores_in, "scores"}, {mask_in, "action_mask"}});
 
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const at::Tensor scores = scores_in.contiguous();
@@ -528,20 +543,11 @@ at::Tensor shape_rewards(const at::Tensor& scores_in, const at::Tensor& mask_in,
 at::Tensor shape_advantages(const at::Tensor& outcome_in, const at::Tensor& rewards_in, const at::Tensor& mask_in,
                             int64_t group_size, double gamma) {
   const char* fn = "shape_advantages";
-  check_float32(outcome_in, fn, "outcome");
-  check_float32(rewards_in, fn, "token_rewards");
-  check_dim(rewards_in, 2, fn, "token_rewards", "[B, T]");
-  check_dim(outcome_in, 1, fn, "outcome", "[B]");
-  TORCH_CHECK_VALUE(outcome_in.size(0) == rewards_in.size(0), kPrefix, fn, ": outcome must have shape [",
-                    rewards_in.size(0), "] (one per row of token_rewards), got ", outcome_in.sizes());
+  check_rows(rewards_in, fn, "token_rewards");
+  check_outcome(outcome_in, rewards_in, fn, "token_rewards");
   check_mask(mask_in, rewards_in, fn, "token_rewards");
   check_group(rewards_in.size(0), group_size, gamma, fn);
-  check_cuda(outcome_in, fn, "outcome");
-  check_cuda(rewards_in, fn, "token_rewards");
-  check_cuda(mask_in, fn, "action_mask");
-  check_same_device(rewards_in, "token_rewards", outcome_in, "outcome", fn);
-  check_same_device(rewards_in, "token_rewards", mask_in, "action_mask", fn);
-  check_rows(rewards_in, fn, "token_rewards");
+  check_one_cuda_device(fn, {{outcome_in, "outcome"}, {rewards_in, "token_rewards"}, {mask_in, "action_mask"}});
 
   const c10::cuda::CUDAGuard guard(rewards_in.device());
   const at::Tensor outcome = outcome_in.contiguous();
@@ -561,21 +567,12 @@ std::tuple<at::Tensor, at::Tensor> shape_rewards_and_advantages(const at::Tensor
                                                                 double threshold, int64_t topk, double coef,
                                                                 int64_t group_size, double gamma, bool use_smem) {
   const char* fn = "shape_rewards_and_advantages";
-  check_float32(scores_in, fn, "scores");
-  check_float32(outcome_in, fn, "outcome");
-  check_dim(scores_in, 2, fn, "scores", "[B, T]");
-  check_dim(outcome_in, 1, fn, "outcome", "[B]");
-  TORCH_CHECK_VALUE(outcome_in.size(0) == scores_in.size(0), kPrefix, fn, ": outcome must have shape [",
-                    scores_in.size(0), "] (one per row of scores), got ", outcome_in.sizes());
+  check_rows(scores_in, fn, "scores");
+  check_outcome(outcome_in, scores_in, fn, "scores");
   check_mask(mask_in, scores_in, fn, "scores");
   const ShapeArgs sa = shape_args(norm, threshold, topk, coef, fn);
   check_group(scores_in.size(0), group_size, gamma, fn);
-  check_cuda(scores_in, fn, "scores");
-  check_cuda(mask_in, fn, "action_mask");
-  check_cuda(outcome_in, fn, "outcome");
-  check_same_device(scores_in, "scores", mask_in, "action_mask", fn);
-  check_same_device(scores_in, "scores", outcome_in, "outcome", fn);
-  check_rows(scores_in, fn, "scores");
+  check_one_cuda_device(fn, {{scores_in, "scores"}, {mask_in, "action_mask"}, {outcome_in, "outcome"}});
 
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const at::Tensor scores = scores_in.contiguous();
