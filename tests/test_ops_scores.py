@@ -20,6 +20,7 @@ from helpers import need, random_field
 need("triton")  # before flowkern.ops.scores, which imports it
 import flowkern as fk
 from flowkern.ops import scores
+from flowkern.ops._triton import draw_seed
 from flowkern.testing import assert_close
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,8 +145,8 @@ def test_flow_reward_streams_its_gathered_copies(monkeypatch, backend):
     per_token = 2 * (2 * 4 * dim) + 2 * 4 * dim  # two latents (target + cond copies) and two noises, fp32
     monkeypatch.setattr(fk.reward, "SCORE_GATHER_BYTES", 7 * per_token)  # chunks of at most 7 tokens
     calls = []
-    score = fk.reward.flow_scores
-    monkeypatch.setattr(fk.reward, "flow_scores", lambda f, t, *a, **k: calls.append(len(t) // 2) or score(f, t, *a, **k))
+    score = fk.reward.score_rows
+    monkeypatch.setattr(fk.reward, "score_rows", lambda fn, f, t, *a: calls.append(len(t) // 2) or score(fn, f, t, *a))
     assert_close(fk.flow_reward(field, latents, action, cfg, **kw), whole, torch.float32)
     assert len(calls) > 2 and max(calls) <= 7 and max(calls) - min(calls) <= 1  # near-equal chunks
 
@@ -165,8 +166,8 @@ def test_flow_reward_default_shaping_keeps_the_same_tokens():
 
 # --------------------------------------------------------------------------- seeded (in-kernel Philox) mode
 
-def _seed_of(generator_seed: int) -> int:
-    return scores._draw_seed(torch.Generator(device=DEVICE).manual_seed(generator_seed))
+def _seed_of(generator_seed: int) -> torch.Tensor:
+    return draw_seed(torch.Generator(device=DEVICE).manual_seed(generator_seed), DEVICE)
 
 
 def test_seeded_scores_use_exactly_seeded_noise(monkeypatch):
