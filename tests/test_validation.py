@@ -239,3 +239,10 @@ def test_loss_checks_its_result(setup):
         fk.latent_flow_loss(field, [latents[0], x], torch.ones(B, T, dtype=torch.bool), cfg, layer_fracs=(0.2, 0.4))
     with pytest.raises(ValueError, match="^mask contains NaN or Inf"):
         fk.flow_matching_loss(field, latents[0], latents[1], 0.5, torch.full((B, T), float("nan")))
+
+
+def test_available_backends_takes_strings_and_names_the_ops():
+    assert fk.available_backends("flow_scores", "cpu") == fk.available_backends("flow_scores", torch.device("cpu"))
+    assert "torch" in fk.available_backends("shape_rewards", "cpu")
+    with pytest.raises(ValueError, match=r"unknown op 'flow_score'.*'flow_matching_loss'.*'flow_scores'"):
+        fk.available_backends("flow_score", "cpu")
