@@ -19,7 +19,7 @@ from helpers import need, random_field
 
 need("triton")  # before flowkern.ops.scores, which imports it
 import flowkern as fk
-from flowkern.ops import scores
+from flowkern.ops import _triton, scores
 from flowkern.ops._triton import draw_seed
 from flowkern.testing import assert_close
 
@@ -247,9 +247,26 @@ def test_producer_tiles_align_with_partial_slots():
     for config in scores._GEMM_CONFIGS + scores._SCORE_CONFIGS:
         assert config.kwargs["BN"] % scores._SLOT == 0, config
     for configs in (scores._GEMM_CONFIGS, scores._MODULATE_CONFIGS, scores._SCORE_CONFIGS):
-        assert scores._fp32_prune(configs, {"w_ptr": torch.zeros(1)}) == configs[-1:]
-        assert scores._fp32_prune(configs, {"w_ptr": torch.zeros(1, dtype=torch.float16)}) == configs
+        assert scores._prune(configs, {"w_ptr": torch.zeros(1)}) == configs[-1:]
+        assert scores._prune(configs, {"w_ptr": torch.zeros(1, dtype=torch.float16)}) == configs
     assert scores._NOISE_TILE[1] % 4 == 0
+
+
+def test_pinned_configs_choose_without_timing(monkeypatch):
+    """Deterministic mode: one fixed config per kernel (nothing to time, so every rank runs the same tiles)."""
+    half = {"w_ptr": torch.zeros(1, dtype=torch.bfloat16)}
+    monkeypatch.delenv("FLOWKERN_DETERMINISTIC", raising=False)
+    assert not _triton.pinned_configs()
+    for configs in (scores._GEMM_CONFIGS, scores._MODULATE_CONFIGS, scores._SCORE_CONFIGS):
+        assert len(scores._prune(configs, half)) > 1
+        monkeypatch.setenv("FLOWKERN_DETERMINISTIC", "1")
+        assert scores._prune(configs, half) == configs[:1]
+        monkeypatch.delenv("FLOWKERN_DETERMINISTIC")
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert _triton.pinned_configs() and scores._prune(configs, half) == configs[:1]
+        finally:
+            torch.use_deterministic_algorithms(False)
 
 
 def test_chunk_size_bounds_memory():

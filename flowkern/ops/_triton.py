@@ -29,6 +29,17 @@ def prune_configs(configs: Sequence[T]) -> list[T]:
     return list(configs[:1]) if interpreting() else list(configs)
 
 
+def pinned_configs() -> bool:
+    """Whether the scoring kernels use one fixed tile config instead of timing several (autotuning).
+
+    On when ``torch.use_deterministic_algorithms(True)`` is in force or ``FLOWKERN_DETERMINISTIC=1`` is set,
+    at a kernel's first call for a shape (the choice is then kept for the process). Autotuning picks the
+    fastest config per process by timing, and the tile shape (BK) sets the order of the fp32 sums in the GEMMs,
+    so two ranks may score the same tokens differently in the last bits unless configs are pinned.
+    """
+    return os.environ.get("FLOWKERN_DETERMINISTIC", "0") == "1" or torch.are_deterministic_algorithms_enabled()
+
+
 def device_guard(device: torch.device) -> ContextManager:
     """Make `device` current for the Triton launches inside: Triton launches on the current CUDA device, not on
     the device of its tensors (on rank N of a job with tensors on cuda:N and the current device 0, it would read

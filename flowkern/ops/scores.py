@@ -76,7 +76,7 @@ def _gemm_config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.C
 # timestep loop and the residual epilogue spill 100-400 B per thread at 128x256 on sm_90), so autotuning
 # can trade tile size against spills. Few configs on purpose: each is compiled per epilogue variant on
 # first use (~1 s each for bf16 on sm_90). The last entry of each list is the one an fp32 field gets
-# (`_fp32_prune`): its operands take twice the shared memory, and each fp32 variant takes ~20 s to compile.
+# (`_prune`): its operands take twice the shared memory, and each fp32 variant takes ~20 s to compile.
 _GEMM_CONFIGS = [
     _gemm_config(128, 256, 64, 8, 3),
     _gemm_config(128, 128, 64, 8, 4),
@@ -96,14 +96,18 @@ _SCORE_CONFIGS = [
 ]
 
 
-def _fp32_prune(configs: list, named_args: dict, **kwargs) -> list:
-    """Autotune only the last config for an fp32 field (see above); every config for 16-bit fields."""
-    return configs[-1:] if named_args["w_ptr"].dtype == torch.float32 else configs
+def _prune(configs: list, named_args: dict, **kwargs) -> list:
+    """The configs autotuning may time: only the last for an fp32 field (see above); for 16-bit fields all of
+    them, or only the first when configs are pinned (`_triton.pinned_configs`). A single config is used
+    without timing, so every process and rank runs the same tiles, hence the same summation order."""
+    if named_args["w_ptr"].dtype == torch.float32:
+        return configs[-1:]
+    return configs[:1] if _triton.pinned_configs() else configs
 
 
 def _autotune(configs: list, key: list, **kwargs):
     return triton.autotune(configs=prune_configs(configs), key=key,
-                           prune_configs_by={"early_config_prune": _fp32_prune}, **kwargs)
+                           prune_configs_by={"early_config_prune": _prune}, **kwargs)
 
 
 # --------------------------------------------------------------------------- shared device helpers
