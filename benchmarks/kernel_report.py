@@ -1,16 +1,17 @@
 """Compile every Triton kernel of flowkern for a GPU architecture, without a GPU, and report its resources.
 
 Usage:
-    python benchmarks/kernel_report.py                          # sm_90, bf16
-    python benchmarks/kernel_report.py --arch 80 --dtype float16
+    python benchmarks/kernel_report.py                          # sm_90, bf16, widths 192, 1536 and 3584
+    python benchmarks/kernel_report.py --arch 80 --dtype float16 --widths 1536
 
 The real launchers run on small CPU tensors: `flow_scores` (seeded and with supplied noise) and
 `flow_matching_loss` forward and backward (seeded, and with supplied noise and input gradients), all
-with the triton backend. Triton's driver is replaced by a compile-only stand-in for the target, so each
+with the triton backend, once per field width (--widths; the 1.5B and 7B widths by default, where the
+training kernels' row tiles and the scoring kernels' RMS-slot counts differ from a toy width's). Triton's driver is replaced by a compile-only stand-in for the target, so each
 launch compiles its kernel (every autotune config) with ptxas and returns without running it; the
 tensors' contents are never meaningful. Row kernels get the launch geometry of a 132-SM GPU.
 
-Prints one row per compiled variant: registers per thread, stack bytes (register spills show up here),
+Prints one row per compiled variant (with the width that first launched it): registers per thread, stack bytes (register spills show up here),
 shared memory, whether the PTX uses Hopper's wgmma, and compile seconds; appends the rows to
 benchmarks/results/kernels.csv (or --csv). Exit status 1 when a kernel fails to compile, when a launch
 has no config that fits the architecture's shared memory, or when a kernel of flowkern.ops was never
@@ -130,6 +131,8 @@ class _Recorder:
         JITFunction.run, Autotuner.run, active = self._saved
         driver.set_active(active)
 
+    width = 0  # the field width being driven, recorded with each new variant
+
     def record(self, fn: JITFunction, args: tuple, kwargs: dict, kernel, seconds: float) -> None:
         self.launched.add(fn.__name__)
         if id(kernel) in self._seen:  # a cache hit: the same variant launched again
@@ -140,6 +143,7 @@ class _Recorder:
         shared = kernel.metadata.shared
         limit = SHARED_LIMIT.get(self.arch)
         self.rows.append({
+            "width": self.width,
             "kernel": fn.__name__,
             "constexprs": " ".join(f"{k}={v}" for k, v in constexprs.items()),
             "warps": kernel.metadata.num_warps,
@@ -150,6 +154,9 @@ class _Recorder:
             "wgmma": "wgmma" in kernel.asm["ptx"],
             "compile_s": round(seconds, 2),
         })
+        row = self.rows[-1]
+        print(f"  D={self.width} {row['kernel']} [{row['constexprs']}] regs {row['registers']} stack "
+              f"{row['stack_bytes']} smem {shared} ({row['compile_s']} s)", flush=True)  # progress
 
 
 def flowkern_kernels() -> set[str]:
@@ -165,17 +172,30 @@ def flowkern_kernels() -> set[str]:
     return names
 
 
-def drive_launchers(dtype: torch.dtype, width: int = 192, tokens: int = 256) -> None:
-    """Call the Triton launchers once per kernel variant family on small CPU tensors."""
+def drive_launchers(dtype: torch.dtype, width: int = 192, tokens: int = 64) -> None:
+    """Call the Triton launchers once per kernel variant family on small CPU tensors.
+
+    The kernels never run, so the torch GEMMs between them read uninitialised buffers: denormals are flushed
+    (CPU arithmetic on denormals is ~100x slower), and the field's weights are zeros.
+    """
     from flowkern.field import VelocityField
+    from flowkern.flow import LayerRows
     from flowkern.ops import fm_loss, fm_loss_kernels, scores
 
     torch.manual_seed(0)
-    field = VelocityField(dim=width, depth=2).to(dtype)
+    torch.set_flush_denormal(True)
+    with torch.device("meta"):  # no init cost at the real widths: the contents are never used
+        field = VelocityField(dim=width, depth=2)
+    field = field.to(dtype).to_empty(device="cpu")
+    with torch.no_grad():
+        for t in (*field.parameters(), *field.buffers()):
+            t.zero_()
     target = torch.randn(tokens, width, dtype=dtype)
     cond = torch.randn(tokens, width, dtype=dtype)
     layers = torch.tensor([0.25, 0.5, 0.75]).repeat_interleave(tokens // 3 + 1)[:tokens]
-    scores._flow_scores_triton(field, target, cond, layers, (0.6, 0.8), None, None)
+    table = LayerRows(torch.tensor([0.25, 0.5, 0.75]), torch.arange(3).repeat_interleave(tokens // 3 + 1)[:tokens])
+    scores._flow_scores_triton(field, target, cond, table, (0.6, 0.8), None, None)  # flow_reward's call
+    scores._flow_scores_triton(field, target, cond, layers, (0.8,), None, None)
     scores._flow_scores_triton(field, target, cond, 0.5, (0.8,), torch.randn(tokens, width), None)
 
     gpu_tiling = fm_loss_kernels.row_tiling
@@ -199,19 +219,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="field dtype (default bfloat16)")
     parser.add_argument("--csv", type=Path, default=None,
                         help="CSV file to append to (default: benchmarks/results/kernels.csv)")
+    parser.add_argument("--widths", type=int, nargs="+", default=[192, 1536, 3584],
+                        help="field widths D to drive the launchers at (default: 192 1536 3584)")
     args = parser.parse_args(argv)
     if args.arch < 80:
         parser.error(f"--arch must be 80 or newer (tensor-core GPUs flowkern targets), got {args.arch}")
     from benchmarks.common import RESULTS_DIR, append_csv, print_table
 
     start = time.perf_counter()
+    csv_path = args.csv or RESULTS_DIR / "kernels.csv"
+    rows = []
     with _Recorder(args.arch) as recorder:
-        drive_launchers(DTYPES[args.dtype])
+        for width in args.widths:
+            recorder.width = width
+            done = len(recorder.rows)
+            drive_launchers(DTYPES[args.dtype], width)
+            new = [{"arch": f"sm_{args.arch}", "dtype": args.dtype, **row} for row in recorder.rows[done:]]
+            append_csv(csv_path, new, torch.device("cpu"))  # per width: a cut-short run keeps what it compiled
+            rows += new
     missing = sorted(flowkern_kernels() - recorder.launched)
-    rows = [{"arch": f"sm_{args.arch}", "dtype": args.dtype, **row} for row in recorder.rows]
     print_table(rows, title=f"flowkern Triton kernels compiled for sm_{args.arch}, {args.dtype} field, "
-                            f"triton {triton.__version__} ({time.perf_counter() - start:.0f} s)")
-    append_csv(args.csv or RESULTS_DIR / "kernels.csv", rows, torch.device("cpu"))
+                            f"widths {args.widths}, triton {triton.__version__} ({time.perf_counter() - start:.0f} s)")
     problems = recorder.failures + [f"{name}: never launched" for name in missing]
     for problem in problems:
         print(f"kernel_report: {problem}", file=sys.stderr)

@@ -21,18 +21,21 @@ pytest.importorskip("triton")
 GEMM_KERNELS = {"_cond_kernel", "_linear_kernel", "_modulate_kernel", "_score_kernel"}
 
 
-@pytest.mark.parametrize("arch, dtype", [(90, "bfloat16"), (80, "float16")])
-def test_every_kernel_compiles_for_the_gpu(tmp_path: Path, arch: int, dtype: str):
+@pytest.mark.parametrize("arch, dtype, widths", [(90, "bfloat16", ["192", "3584"]), (80, "float16", ["1536"])])
+def test_every_kernel_compiles_for_the_gpu(tmp_path: Path, arch: int, dtype: str, widths: list):
     out = tmp_path / "kernels.csv"
     proc = subprocess.run([sys.executable, str(Path(ROOT) / "benchmarks" / "kernel_report.py"), "--arch", str(arch),
-                           "--dtype", dtype, "--csv", str(out)], capture_output=True, text=True, timeout=600,
-                          env=subprocess_env())
+                           "--dtype", dtype, "--csv", str(out), "--widths", *widths], capture_output=True, text=True,
+                          timeout=900, env=subprocess_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = list(csv.DictReader(out.open()))
     names = {row["kernel"] for row in rows}
     assert GEMM_KERNELS <= names
     assert len(names) >= 15  # 5 scoring and 10 training kernels (the report fails if one never launched)
     assert all(row["arch"] == f"sm_{arch}" and row["dtype"] == dtype and row["fits"] == "yes" for row in rows)
+    # the real widths compile their own variants (row tiles of the training kernels, RMS slots of the scoring)
+    assert {row["width"] for row in rows} == set(widths)
+    assert {"LAYER=0", "LAYER=1", "LAYER=2"} <= {c for row in rows for c in row["constexprs"].split()}
     # the GEMMs run on Hopper's warpgroup tensor cores on sm_90, and cannot on sm_80
     uses_wgmma = {row["wgmma"] == "True" for row in rows if row["kernel"] in GEMM_KERNELS}
     assert uses_wgmma == {arch >= 90}

@@ -79,7 +79,7 @@ def test_cast_copy_is_cached_and_refreshed_after_an_optimizer_step():
     assert torch.equal(after, fresh) and not torch.equal(after, before)
     with torch.no_grad():  # load_state_dict / copy_ under no_grad bump the version counters too
         field.input_proj.weight.copy_(torch.zeros_like(field.input_proj.weight))
-    assert torch.equal(copy.input_proj.weight, torch.zeros_like(copy.input_proj.weight)) is False
+    assert not torch.equal(copy.input_proj.weight, torch.zeros_like(copy.input_proj.weight))  # not yet refreshed
     flow.cast_field(field, torch.float16)
     assert torch.equal(copy.input_proj.weight, torch.zeros_like(copy.input_proj.weight))
 
