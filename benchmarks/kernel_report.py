@@ -172,7 +172,7 @@ def flowkern_kernels() -> set[str]:
     return names
 
 
-def drive_launchers(dtype: torch.dtype, width: int = 192, tokens: int = 64) -> None:
+def drive_launchers(dtype: torch.dtype, width: int = 192, tokens: int = 16) -> None:
     """Call the Triton launchers once per kernel variant family on small CPU tensors.
 
     The kernels never run, so the torch GEMMs between them read uninitialised buffers: denormals are flushed
