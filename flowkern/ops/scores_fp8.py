@@ -39,7 +39,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_TINY = 1e-30  # floor of a row's amax: an all-zero row quantises to zeros
 # GPU compute capability with fp8 tensor cores (Ada sm_89, Hopper sm_90 and newer).
 MIN_CAPABILITY = (8, 9)
-RAW_GEMM_MODES = ("bf16", "fp8", "smooth")
+RAW_GEMM_MODES = ("bf16", "bf16-io", "fp8", "smooth")
 RAW_GEMMS = "bf16"
 
 
@@ -115,6 +115,7 @@ class Fp8Weights:
     input: Fp8Linear
     cond16: tuple[torch.Tensor, torch.Tensor]
     input16: tuple[torch.Tensor, torch.Tensor]
+    final16: tuple[torch.Tensor, torch.Tensor]
     blocks: tuple[tuple[Fp8Linear, Fp8Linear, Fp8Linear], ...]  # (adaLN, mlp.0, mlp.2) per block
     final_ada: Fp8Linear
     final: Fp8Linear
@@ -148,6 +149,7 @@ def fp8_weights(field: VelocityField, out_dtype: torch.dtype = torch.bfloat16) -
             cond=lin(field.cond_embed), input=lin(field.input_proj),
             cond16=(field.cond_embed.weight.to(out_dtype), field.cond_embed.bias.to(out_dtype)),
             input16=(field.input_proj.weight.to(out_dtype), field.input_proj.bias.to(out_dtype)),
+            final16=(field.final_layer.linear.weight.to(out_dtype), field.final_layer.linear.bias.to(out_dtype)),
             blocks=tuple((lin(b.adaLN_modulation[1]), lin(b.mlp[0]), lin(b.mlp[2])) for b in field.res_blocks),
             final_ada=lin(field.final_layer.adaLN_modulation[1]), final=lin(field.final_layer.linear))
     field.__dict__[_CACHE_ATTR] = (key, weights)

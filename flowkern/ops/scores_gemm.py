@@ -317,7 +317,8 @@ class _Plan:
     final_ada: Gemm
     final: Gemm
     quant_raw: bool  # cond_embed and input_proj read e4m3 inputs
-    quant: bool  # every other GEMM reads e4m3 inputs
+    quant: bool  # the block and adaLN GEMMs read e4m3 inputs
+    quant_final: bool  # the output GEMM reads e4m3 inputs
     smooth: bool  # fp8 with per-call per-channel smoothing of the raw-latent GEMMs (torch rows only)
 
 
@@ -329,7 +330,7 @@ def _plan_16bit(field: VelocityField) -> _Plan:
     blocks = tuple((g(b.adaLN_modulation[1], 0, 2 * w), g(b.adaLN_modulation[1], 2 * w), g(b.mlp[0]), g(b.mlp[2]))
                    for b in field.res_blocks)
     return _Plan(g(field.cond_embed), g(field.input_proj), blocks, g(field.final_layer.adaLN_modulation[1]),
-                 g(field.final_layer.linear), quant_raw=False, quant=False, smooth=False)
+                 g(field.final_layer.linear), quant_raw=False, quant=False, quant_final=False, smooth=False)
 
 
 def _plan_fp8(field: VelocityField, raw: str, dtype: torch.dtype) -> _Plan:
@@ -337,12 +338,14 @@ def _plan_fp8(field: VelocityField, raw: str, dtype: torch.dtype) -> _Plan:
     w = field.dim
     blocks = tuple((_scaled(ada.rows(0, 2 * w)), _scaled(ada.rows(2 * w, 3 * w)), _scaled(m0), _scaled(m2))
                    for ada, m0, m2 in weights.blocks)
-    if raw == "bf16":
+    raw16 = raw in ("bf16", "bf16-io")
+    if raw16:
         cond, inp = _addmm(*weights.cond16), _addmm(*weights.input16)
     else:
         cond, inp = _scaled(weights.cond), _scaled(weights.input)
-    return _Plan(cond, inp, blocks, _scaled(weights.final_ada), _scaled(weights.final),
-                 quant_raw=raw != "bf16", quant=True, smooth=raw == "smooth")
+    final = _addmm(*weights.final16) if raw == "bf16-io" else _scaled(weights.final)
+    return _Plan(cond, inp, blocks, _scaled(weights.final_ada), final,
+                 quant_raw=not raw16, quant=True, quant_final=raw != "bf16-io", smooth=raw == "smooth")
 
 
 def _smooth_gemm(lin: scores_fp8.Fp8Linear, x: torch.Tensor, out: torch.Tensor) -> None:
@@ -472,9 +475,11 @@ def gemm_route_scores(field: VelocityField, target: torch.Tensor, cond: torch.Te
             g_mlp2(hid.rows(m), z2[:m])
             gate, mlp_out = next_gate, z2[:m]
         plan.final_ada(sy.rows(m), ss[:m])
-        rows_ops.modulate(h.rows(m), a[:m], gate, mlp_out, ss[:m, :width], ss[:m, width:], final.norm_final.weight,
+        # a 16-bit output GEMM reads its input from the MLP-output buffer, which this pass consumes row by row
+        h_final = h.rows(m) if plan.quant_final == plan.quant else Act(z2[:m])
+        rows_ops.modulate(h_final, a[:m], gate, mlp_out, ss[:m, :width], ss[:m, width:], final.norm_final.weight,
                           final.norm_final.eps)
-        plan.final(h.rows(m), z[:m])
+        plan.final(h_final, z[:m])
         rows_ops.score(per_row_scores[:m], z[:m], x1, eps, weights, row0, seed)
         scores_out[row0:end] = per_row_scores[:m].view(n_t, n).sum(0)
     return scores_out
