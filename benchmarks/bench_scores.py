@@ -138,7 +138,8 @@ def bench_shape(shape: Shape, device, peak_tflops: float, compile_: bool = True)
     from benchmarks.common import peak_extra_memory_bytes, time_ms
     from flowkern import VelocityField, flow_scores
     from flowkern.flow import _flow_scores_torch
-    from flowkern.ops.scores import _draw_seed, seeded_noise
+    from flowkern.ops._triton import draw_seed
+    from flowkern.ops.scores import seeded_noise
 
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32  # the interpreter's bf16 is wrong
@@ -158,7 +159,8 @@ def bench_shape(shape: Shape, device, peak_tflops: float, compile_: bool = True)
     # Parity first (a wrong kernel is not worth timing), in the timed seeded mode: the torch reference gets
     # exactly the ε that the Triton kernels draw in-kernel for this generator seed.
     ref = flow_scores(field, x1, cond, layer, timesteps=TIMESTEPS, backend="torch",
-                      noise=seeded_noise(_draw_seed(torch.Generator(device=device).manual_seed(1)), n, shape.dim, device))
+                      noise=seeded_noise(draw_seed(torch.Generator(device=device).manual_seed(1), device), n,
+                                         shape.dim, device))
     got = flow_scores(field, x1, cond, layer, timesteps=TIMESTEPS, backend="triton",
                       generator=torch.Generator(device=device).manual_seed(1))
     rel_err = float((got - ref).norm() / ref.norm())

@@ -19,7 +19,8 @@ from helpers import need, random_field
 
 need("triton")  # before flowkern.ops.scores, which imports it
 import flowkern as fk
-from flowkern.ops import scores
+from flowkern.ops import _triton, scores
+from flowkern.ops._triton import draw_seed
 from flowkern.testing import assert_close
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,8 +145,8 @@ def test_flow_reward_streams_its_gathered_copies(monkeypatch, backend):
     per_token = 2 * (2 * 4 * dim) + 2 * 4 * dim  # two latents (target + cond copies) and two noises, fp32
     monkeypatch.setattr(fk.reward, "SCORE_GATHER_BYTES", 7 * per_token)  # chunks of at most 7 tokens
     calls = []
-    score = fk.reward.flow_scores
-    monkeypatch.setattr(fk.reward, "flow_scores", lambda f, t, *a, **k: calls.append(len(t) // 2) or score(f, t, *a, **k))
+    score = fk.reward.score_rows
+    monkeypatch.setattr(fk.reward, "score_rows", lambda fn, f, t, *a: calls.append(len(t) // 2) or score(fn, f, t, *a))
     assert_close(fk.flow_reward(field, latents, action, cfg, **kw), whole, torch.float32)
     assert len(calls) > 2 and max(calls) <= 7 and max(calls) - min(calls) <= 1  # near-equal chunks
 
@@ -165,8 +166,8 @@ def test_flow_reward_default_shaping_keeps_the_same_tokens():
 
 # --------------------------------------------------------------------------- seeded (in-kernel Philox) mode
 
-def _seed_of(generator_seed: int) -> int:
-    return scores._draw_seed(torch.Generator(device=DEVICE).manual_seed(generator_seed))
+def _seed_of(generator_seed: int) -> torch.Tensor:
+    return draw_seed(torch.Generator(device=DEVICE).manual_seed(generator_seed), DEVICE)
 
 
 def test_seeded_scores_use_exactly_seeded_noise(monkeypatch):
@@ -246,9 +247,26 @@ def test_producer_tiles_align_with_partial_slots():
     for config in scores._GEMM_CONFIGS + scores._SCORE_CONFIGS:
         assert config.kwargs["BN"] % scores._SLOT == 0, config
     for configs in (scores._GEMM_CONFIGS, scores._MODULATE_CONFIGS, scores._SCORE_CONFIGS):
-        assert scores._fp32_prune(configs, {"w_ptr": torch.zeros(1)}) == configs[-1:]
-        assert scores._fp32_prune(configs, {"w_ptr": torch.zeros(1, dtype=torch.float16)}) == configs
+        assert scores._prune(configs, {"w_ptr": torch.zeros(1)}) == configs[-1:]
+        assert scores._prune(configs, {"w_ptr": torch.zeros(1, dtype=torch.float16)}) == configs
     assert scores._NOISE_TILE[1] % 4 == 0
+
+
+def test_pinned_configs_choose_without_timing(monkeypatch):
+    """Deterministic mode: one fixed config per kernel (nothing to time, so every rank runs the same tiles)."""
+    half = {"w_ptr": torch.zeros(1, dtype=torch.bfloat16)}
+    monkeypatch.delenv("FLOWKERN_DETERMINISTIC", raising=False)
+    assert not _triton.pinned_configs()
+    for configs in (scores._GEMM_CONFIGS, scores._MODULATE_CONFIGS, scores._SCORE_CONFIGS):
+        assert len(scores._prune(configs, half)) > 1
+        monkeypatch.setenv("FLOWKERN_DETERMINISTIC", "1")
+        assert scores._prune(configs, half) == configs[:1]
+        monkeypatch.delenv("FLOWKERN_DETERMINISTIC")
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert _triton.pinned_configs() and scores._prune(configs, half) == configs[:1]
+        finally:
+            torch.use_deterministic_algorithms(False)
 
 
 def test_chunk_size_bounds_memory():
