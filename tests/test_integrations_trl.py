@@ -243,3 +243,19 @@ def test_resuming_from_a_checkpoint_restores_the_flow_and_its_optimiser(trained,
     saved = torch.load(tmp / "checkpoint-2" / "flow_optimizer.pt", weights_only=True)
     assert fresh.flow_optimizer.state_dict()["state"].keys() == saved["state"].keys()
     torch.testing.assert_close(fresh.flow_optimizer.state_dict()["state"][0]["exp_avg"], saved["state"][0]["exp_avg"])
+
+
+def test_flow_score_precision_fp8_scores_in_fp8(tmp_path, monkeypatch):
+    """flow_score_precision="fp8": the trainer's flow rewards go through the fp8 scoring path end to end."""
+    need("trl")
+    from flowkern.ops import scores_gemm
+
+    calls = []
+    real = scores_gemm.fp8_scores
+    monkeypatch.setattr(scores_gemm, "fp8_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    trainer = make_trainer(tmp_path, flow_score_precision="fp8")
+    assert trainer.flow_config.score_precision == "fp8" and FLOW_CONFIG.score_precision == "auto"
+    trainer.train()
+    assert calls
+    with pytest.raises(ValueError, match="score_precision"):
+        make_trainer(tmp_path / "bad", flow_score_precision="int8")

@@ -68,6 +68,8 @@ class TrainConfig:
     flow_topk: int = _f(15, "flow rewards kept per sequence (0: all)")
     flow_coef: float = _f(0.01, "flow reward coefficient beta")
     flow_context: str = _f("token_pre", "flow context mode: token_pre, token_post or identity")
+    score_precision: str = _f("auto", "precision of flow scoring: auto, fp32, bf16, fp16 or fp8 (saved in the "
+                                      "flow checkpoint's config)")
     # RL
     shaping: str = _f("flow", "advantage shaping: none (RLVR), flow (RLFR) or entropy (Cheng et al. 2025)")
     rl_steps: int = _f(60, "GRPO steps")
@@ -99,7 +101,8 @@ class TrainConfig:
     def flow_config(self) -> FlowConfig:
         """The `FlowConfig` of the flow environment."""
         return FlowConfig(context_mode=self.flow_context, depth=self.flow_depth, norm=self.flow_norm,
-                          threshold=self.flow_threshold, topk=self.flow_topk, coef=self.flow_coef)
+                          threshold=self.flow_threshold, topk=self.flow_topk, coef=self.flow_coef,
+                          score_precision=self.score_precision)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field."""

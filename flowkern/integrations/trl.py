@@ -18,6 +18,7 @@ Install with ``pip install flowkern[trl]``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -71,6 +72,8 @@ class FlowGRPOTrainer(GRPOTrainer):
         flow_gamma: discount γ of the flow rewards' reward-to-go.
         flow_repeats: noise draws per token in the flow-matching loss.
         flow_backend: flowkern backend ("auto", "torch", "triton", "cuda").
+        flow_score_precision: precision of flow scoring ("auto", "fp32", "bf16", "fp16", "fp8"); None keeps
+            the flow config's ``score_precision``.
 
     Batches seen by the loss carry three extra keys: ``advantages`` [B, C] (the
     shaped ones), ``sequence_advantages`` [B] (TRL's) and ``flow_rewards`` [B, C].
@@ -82,8 +85,10 @@ class FlowGRPOTrainer(GRPOTrainer):
                  flow_config: Optional[FlowConfig] = None, flow_lr: float = 1e-4,
                  flow_incorrect_weight: float = 0.0, online_flow_update: bool = True,
                  correct_threshold: float = 1.0, flow_gamma: float = 1.0, flow_repeats: int = 1,
-                 flow_backend: str = "auto", **kwargs):
+                 flow_backend: str = "auto", flow_score_precision: Optional[str] = None, **kwargs):
         field, config = resolve_flow(flow, flow_config)
+        if flow_score_precision is not None:
+            config = dataclasses.replace(config, score_precision=flow_score_precision)  # validated there
         for name, value in (("flow_lr", flow_lr), ("flow_incorrect_weight", flow_incorrect_weight),
                             ("correct_threshold", correct_threshold), ("flow_gamma", flow_gamma)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -41,10 +41,12 @@ import triton
 import triton.language as tl
 
 from .. import backend
+from .._device import small_tensor
 from ..field import VelocityField
+from ..flow import LayerRows
 from . import fm_loss_kernels as kern
 from . import scores, scores_fp8
-from ._triton import interpreting, why_unavailable
+from ._triton import device_guard, draw_seed, interpreting, why_unavailable
 from .fm_loss import _launch
 
 ROUTE_ENV = "FLOWKERN_SCORE_ROUTE"
@@ -76,14 +78,15 @@ def score_route(device: torch.device) -> str:
 
 # --------------------------------------------------------------------------- row kernels
 
-@triton.jit(do_not_specialize=["row0", "seed"])
+@triton.jit(do_not_specialize=["row0"])
 def _interp_rows_kernel(x1_ptr, x1_stride, noise_ptr, stride_nj, stride_nr, tau_ptr, omt_ptr, out_ptr, out_scale_ptr,
-                        rows, n_tok, width, row0, seed, QD, rows_per_prog,
+                        rows, n_tok, width, row0, seed_ptr, QD, rows_per_prog,
                         HAS_NOISE: tl.constexpr, QUANT: tl.constexpr, DT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[j·n_tok + r] = τ_j·x1[r] + (1-τ_j)·ε_j[r] in dtype DT (or e4m3 of it, QUANT), for this chunk's rows.
 
-    ε is loaded ([n, D] or [J, n, D] strides) or Philox ε of global token row0 + r (`scores._normal_tile`).
+    ε is loaded ([n, D] or [J, n, D] strides) or Philox ε of global token row0 + r (`scores._normal_tile`),
+    keyed by the int64 at `seed_ptr`. Largest offsets: j·stride_nj + r·stride_nr and (j·n + r)·D, int64.
     Bytes per row: reads x1 (and ε when supplied), writes x_t: 2-3 units.
     """
     pid = tl.program_id(0)
@@ -97,7 +100,7 @@ def _interp_rows_kernel(x1_ptr, x1_stride, noise_ptr, stride_nj, stride_nr, tau_
             eps = tl.load(noise_ptr + j[:, None].to(tl.int64) * stride_nj + tok[:, None] * stride_nr + cols[None, :],
                           mask=mask, other=0.0).to(tl.float32)
         else:
-            eps = scores._normal_tile(seed, row0 + tok, 0, QD, BLOCK_M, BLOCK_D)
+            eps = scores._normal_tile(tl.load(seed_ptr), row0 + tok, 0, QD, BLOCK_M, BLOCK_D)
         tau = tl.load(tau_ptr + j, mask=rmask, other=0.0)[:, None]
         omt = tl.load(omt_ptr + j, mask=rmask, other=0.0)[:, None]
         x_t = kern._rnd(tau * x1 + omt * eps, DT)
@@ -106,9 +109,11 @@ def _interp_rows_kernel(x1_ptr, x1_stride, noise_ptr, stride_nj, stride_nr, tau_
 
 @triton.jit
 def _cond_rows_kernel(ce_ptr, temb_ptr, lemb_ptr, idx_ptr, out_ptr, out_scale_ptr, rows, n_tok, width, rows_per_prog,
-                      HAS_IDX: tl.constexpr, QUANT: tl.constexpr, DT: tl.constexpr,
+                      LAYER: tl.constexpr, QUANT: tl.constexpr, DT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[j·n_tok + r] = SiLU(y), y = (cond_embed(c)[r] + temb[j]) + lemb[idx[r] or 0], rounded like the reference.
+    """out[j·n_tok + r] = SiLU(y), y = (cond_embed(c)[r] + temb[j]) + lemb[row r's entry], rounded like the reference.
+
+    LAYER as `scores._cond_kernel`'s: 0 one shared lemb row, 1 row ``idx[r]`` of a table, 2 row r.
 
     Bytes per row: reads cond_embed(c) (once per token for J = 1; temb and lemb are a few cached rows),
     writes SiLU(y): 2 units.
@@ -118,8 +123,10 @@ def _cond_rows_kernel(ce_ptr, temb_ptr, lemb_ptr, idx_ptr, out_ptr, out_scale_pt
         r, r64, rmask, mask = kern._tile(pid * rows_per_prog + i, rows, width, BLOCK_M, BLOCK_D)
         j = (r // n_tok).to(tl.int64)
         tok = (r % n_tok).to(tl.int64)
-        if HAS_IDX:
+        if LAYER == 1:
             li = tl.load(idx_ptr + tok, mask=rmask, other=0).to(tl.int64)
+        elif LAYER == 2:
+            li = tok
         else:
             li = tok * 0
         y = kern._rnd(kern._load(ce_ptr, tok, width, mask, BLOCK_D) + kern._load(temb_ptr, j, width, mask, BLOCK_D), DT)
@@ -146,9 +153,9 @@ def _act_rows_kernel(x_ptr, x_stride, out_ptr, out_scale_ptr, rows, width, rows_
                          QUANT, BLOCK_D)
 
 
-@triton.jit(do_not_specialize=["row0", "seed"])
+@triton.jit(do_not_specialize=["row0"])
 def _score_rows_kernel(v_ptr, x1_ptr, x1_stride, noise_ptr, stride_nj, stride_nr, weight_ptr, out_ptr,
-                       rows, n_tok, width, row0, seed, QD, rows_per_prog,
+                       rows, n_tok, width, row0, seed_ptr, QD, rows_per_prog,
                        HAS_NOISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[j·n_tok + r] = weight_j · Σ_D (v - (x1[r] - ε_j[r]))² in fp32.
 
@@ -164,7 +171,7 @@ def _score_rows_kernel(v_ptr, x1_ptr, x1_stride, noise_ptr, stride_nj, stride_nr
             eps = tl.load(noise_ptr + j[:, None].to(tl.int64) * stride_nj + tok[:, None] * stride_nr + cols[None, :],
                           mask=mask, other=0.0).to(tl.float32)
         else:
-            eps = scores._normal_tile(seed, row0 + tok, 0, QD, BLOCK_M, BLOCK_D)
+            eps = scores._normal_tile(tl.load(seed_ptr), row0 + tok, 0, QD, BLOCK_M, BLOCK_D)
         diff = kern._load(v_ptr, r64, width, mask, BLOCK_D) - (kern._load(x1_ptr, tok, x1_stride, mask, BLOCK_D) - eps)
         diff = tl.where(mask, diff, 0.0)
         weight = tl.load(weight_ptr + j, mask=rmask, other=0.0)
@@ -217,8 +224,9 @@ class _TorchRows:
         eps = _eps_torch(noise, taus.numel())
         _fill(out, (taus[:, None, None] * x1.float() + omts[:, None, None] * eps).flatten(0, 1), self.dtype)
 
-    def cond(self, out: Act, ce, temb, lemb, idx) -> None:
-        le = lemb[0] if idx is None else lemb[idx.long()]
+    def cond(self, out: Act, ce, temb, lemb, idx, mode) -> None:
+        le = {scores._LAYER_SHARED: lambda: lemb[0], scores._LAYER_INDEXED: lambda: lemb[idx.long()],
+              scores._LAYER_PER_ROW: lambda: lemb}[mode]()
         y = ((ce[None] + temb[:, None]).to(self.dtype) + le).to(self.dtype)
         _fill(out, F.silu(y.flatten(0, 1).float()), self.dtype)
 
@@ -256,11 +264,11 @@ class _TritonRows:
                 stride_nr, taus, omts, out.x, _scale_arg(out), rows, x1.shape[0], width, row0, seed,
                 triton.cdiv(width, 4), HAS_NOISE=noise is not None, QUANT=out.scale is not None, DT=self.tl_dtype)
 
-    def cond(self, out: Act, ce, temb, lemb, idx) -> None:
+    def cond(self, out: Act, ce, temb, lemb, idx, mode) -> None:
         rows, width = out.x.shape
         _launch(_cond_rows_kernel, self._tiling(rows, width, ce.device), ce, temb, lemb,
                 lemb if idx is None else idx, out.x, _scale_arg(out), rows, ce.shape[0], width,
-                HAS_IDX=idx is not None, QUANT=out.scale is not None, DT=self.tl_dtype)
+                LAYER=mode, QUANT=out.scale is not None, DT=self.tl_dtype)
 
     def act(self, out: Act, x, silu: bool) -> None:
         rows, width = out.x.shape
@@ -365,37 +373,45 @@ def _chunk_bounds(n_tok: int, per_token: int) -> list[int]:
 
 @torch.no_grad()
 def gemm_route_scores(field: VelocityField, target: torch.Tensor, cond: torch.Tensor,
-                      layer: Union[float, torch.Tensor], timesteps: tuple[float, ...],
+                      layer: Union[float, torch.Tensor, LayerRows], timesteps: tuple[float, ...],
                       noise: Optional[torch.Tensor], generator: Optional[torch.Generator], *,
-                      fp8: bool = False, raw: Optional[str] = None,
-                      act_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                      fp8: bool = False, raw: Optional[str] = None, act_dtype: torch.dtype = torch.bfloat16,
+                      triton_rows: Optional[bool] = None) -> torch.Tensor:
     """Scores [N] fp32 of [N, D] rows through library GEMMs and fused row passes (see the module docstring).
 
     Args:
-        field: the velocity field; 16-bit routes compute in its dtype (fp16 or bf16; an fp32 field gives
-            an fp32 GEMM route), fp8 in bf16 between fp8 GEMMs whatever the field's dtype.
+        field: the velocity field; 16-bit routes compute in its dtype (an fp32 field gives an fp32 GEMM
+            route), fp8 in `act_dtype` between fp8 GEMMs whatever the field's dtype.
         fp8: run the GEMMs in fp8 (`flowkern.ops.scores_fp8`).
-        raw: with fp8, how the two GEMMs that read raw latents run: ``"bf16"``, ``"fp8"`` or ``"smooth"``
-            (`scores_fp8.RAW_GEMM_MODES`); default `scores_fp8.RAW_GEMMS`.
+        raw: with fp8, which GEMMs stay 16-bit (`scores_fp8.RAW_GEMM_MODES`); default `scores_fp8.RAW_GEMMS`.
         act_dtype: with fp8, the dtype of GEMM outputs and of the residual stream: bf16 (the only
             row-wise-scaled output of sm_89); tests on CPU use fp32 or fp16, which the interpreter
             rounds correctly.
-        Other arguments as `flowkern.flow_scores` (normalised).
+        triton_rows: run the row passes as Triton kernels (True) or torch ops (False); default: Triton on
+            CUDA and under ``TRITON_INTERPRET=1``. With torch ops and ``noise=None``, ε is drawn like the
+            torch reference's; with Triton, from the fused route's Philox stream.
+        Other arguments as the `flow_scores` backends receive them (validated, normalised).
     """
+    device = target.device
+    use_triton = (interpreting() or device.type == "cuda") if triton_rows is None else triton_rows
+    with device_guard(device):
+        return _route(field, target, cond, layer, timesteps, noise, generator, fp8, raw, act_dtype, use_triton)
+
+
+def _route(field, target, cond, layer, timesteps, noise, generator, fp8, raw, act_dtype, use_triton) -> torch.Tensor:
     device = target.device
     n_tok, width = target.shape
     n_t = len(timesteps)
     scores_out = torch.zeros(n_tok, dtype=torch.float32, device=device)
     if n_tok == 0:
         return scores_out
-    use_triton = interpreting() or device.type == "cuda"
     if fp8:
         raw = scores_fp8.RAW_GEMMS if raw is None else raw
         if raw not in scores_fp8.RAW_GEMM_MODES:
             raise ValueError(f"raw must be one of {scores_fp8.RAW_GEMM_MODES}, got {raw!r}")
         if raw == "smooth" and use_triton:
-            raise ValueError("raw='smooth' (a measurement variant, smoothed per call with torch ops) runs on CPU "
-                             "tensors without TRITON_INTERPRET=1 only")
+            raise ValueError("raw='smooth' (a measurement variant, smoothed per call with torch ops) runs with "
+                             "torch row ops only (triton_rows=False)")
         scores_fp8.check_fp8_device(device, width)
         dtype = act_dtype
         plan = _plan_fp8(field, raw, dtype)
@@ -404,21 +420,17 @@ def gemm_route_scores(field: VelocityField, target: torch.Tensor, cond: torch.Te
         plan = _plan_16bit(field)
     rows_ops = (_TritonRows if use_triton else _TorchRows)(dtype)
     target, cond = scores._unit_stride(target), scores._unit_stride(cond)
-    if noise is None:
-        if use_triton:
-            seed = scores._draw_seed(generator)
-        else:  # the torch reference's draw
-            noise = torch.randn((n_tok, width), generator=generator, device=device, dtype=torch.float32)
-            seed = 0
-    else:
-        noise, seed = scores._unit_stride(noise), 0
+    if noise is not None:
+        noise = scores._unit_stride(noise)
+    elif not use_triton:  # the torch reference's draw
+        noise = torch.randn((n_tok, width), generator=generator, device=device, dtype=torch.float32)
+    seed = draw_seed(generator, device) if noise is None else scores_out  # scores_out: a never-read placeholder
 
-    taus = torch.tensor(timesteps, dtype=torch.float32, device=device)
-    omts = torch.tensor([1.0 - t for t in timesteps], dtype=torch.float32, device=device)
-    weights = torch.tensor([t / (1.0 - t) / (n_t * width) for t in timesteps], dtype=torch.float32, device=device)
+    consts = small_tensor([*timesteps, *(1.0 - t for t in timesteps),
+                           *(t / (1.0 - t) / (n_t * width) for t in timesteps)], device)
+    taus, omts, weights = consts.view(3, n_t)
     temb = field.time_embed.embed_values(taus).to(dtype).contiguous()
-    lemb, layer_idx = scores._layer_tables(field, layer)
-    lemb = lemb.to(dtype).contiguous()
+    layer_mode, lemb, layer_idx = scores._layer_table(field, layer, device)
 
     itemsize = torch.finfo(dtype).bits // 8
     bounds = _chunk_bounds(n_tok, n_t * (_UNITS * width * itemsize + 20))
@@ -443,6 +455,7 @@ def gemm_route_scores(field: VelocityField, target: torch.Tensor, cond: torch.Te
         x1, c = target[row0:end], cond[row0:end]
         eps = None if noise is None else noise[..., row0:end, :]
         idx = None if layer_idx is None else layer_idx[row0:end]
+        table = field.layer_embed.embed_values(layer[row0:end]) if layer_mode == scores._LAYER_PER_ROW else lemb
         # conditioning: cond_embed(c) once per token, then SiLU(y) per timestep
         c_in = raw_in.rows(n)
         if c_in.scale is None and c.dtype == dtype:
@@ -454,7 +467,7 @@ def gemm_route_scores(field: VelocityField, target: torch.Tensor, cond: torch.Te
             _smooth_gemm(scores_fp8.fp8_weights(field, dtype).cond, c_in.x, ce)
         else:
             plan.cond(c_in, ce)
-        rows_ops.cond(sy.rows(m), ce, temb, lemb, idx)
+        rows_ops.cond(sy.rows(m), ce, temb, table.to(dtype).contiguous(), idx, layer_mode)
         # input projection of x_t
         x_t = raw_in.rows(m)
         rows_ops.interp(x_t, x1, eps, taus, omts, row0, seed)
@@ -483,6 +496,16 @@ def gemm_route_scores(field: VelocityField, target: torch.Tensor, cond: torch.Te
         rows_ops.score(per_row_scores[:m], z[:m], x1, eps, weights, row0, seed)
         scores_out[row0:end] = per_row_scores[:m].view(n_t, n).sum(0)
     return scores_out
+
+
+def fp8_scores(field: VelocityField, target: torch.Tensor, cond: torch.Tensor,
+               layer: Union[float, torch.Tensor, LayerRows], timesteps: tuple[float, ...],
+               noise: Optional[torch.Tensor], generator: Optional[torch.Generator], *,
+               triton_rows: bool) -> torch.Tensor:
+    """``precision="fp8"`` scoring (`flowkern.ops.scores_fp8`) with the `flow_scores` backend signature: the
+    GEMM route with fp8 GEMMs, row passes as Triton kernels (``triton`` backend) or torch ops (``torch``)."""
+    return gemm_route_scores(field, target, cond, layer, timesteps, noise, generator, fp8=True,
+                             triton_rows=triton_rows)
 
 
 def _flow_scores_triton_routed(field: VelocityField, target: torch.Tensor, cond: torch.Tensor,
