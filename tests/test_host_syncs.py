@@ -138,3 +138,21 @@ def test_fused_path_syncs_cuda(check_finite):
         syncs = [w for w in caught if "synchroniz" in str(w.message)]
         expected = EXPECTED[check_finite].get(name.split()[0], 1 if check_finite else 0)
         assert len(syncs) <= expected, (name, [str(w.message) for w in syncs])
+
+
+@pytest.mark.cuda
+def test_cuda_shaping_at_the_target_size_cuda():
+    """The CUDA extension at B = 1024, T = 4096 (the shaping target's size) agrees with the torch reference."""
+    pytest.importorskip("flowkern.ops.shaping")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, T = 1024, 4096
+    scores = torch.rand(B, T, device="cuda", generator=g)
+    action = torch.rand(B, T, device="cuda", generator=g) > 0.3
+    outcome = torch.rand(B, device="cuda", generator=g)
+    cfg = fk.FlowConfig()
+    got = fk.shape_rewards(scores, action, cfg, backend="cuda")
+    want = fk.shape_rewards(scores, action, cfg, backend="torch")
+    torch.testing.assert_close(got, want)
+    adv = fk.shape_advantages(outcome, got, action, 8, backend="cuda")
+    torch.testing.assert_close(adv, fk.shape_advantages(outcome, want, action, 8, backend="torch"), rtol=1e-5,
+                               atol=1e-5)
