@@ -9,12 +9,12 @@ The latents are SmolLM2-135M-Instruct's (the GGUF shipped in the PyPI wheel ``ll
 `train.models`) at 25/50/75 % depth (decoder layers 8, 15 and 22 of 30), on `TEXT` (528 tokens: 8
 sequences of 64). Position 0 of each sequence is an attention sink with a ~24,000 activation in channel 507
 (every other token: ~100 there, row RMS ~7-12); the first `PROMPT` positions play the prompt, the rest the
-action tokens that are scored, as in RL. The flow (depth 1) is fitted to those action tokens' pairs by
-`fit_flow` and committed as `FIXTURE` with int8 per-row weights (4.3 MB); `tests/test_fp8_accuracy.py`
-measures on it in CI.
+action tokens that are scored, as in RL. The flow (depth 1) is fitted to every pair of the sequences by
+`fit_flow` (500 Adam steps, ~5 min on 2 free cores) and committed as `FIXTURE` with int8 per-row weights
+(4.3 MB); `tests/test_fp8_accuracy.py` measures on it in CI.
 
     python -m benchmarks.fp8_accuracy            # the table on the committed flow (--draws N: more ε pairs)
-    python -m benchmarks.fp8_accuracy --fit      # refit the flow and rewrite the fixture first (~5 min, 2 cores)
+    python -m benchmarks.fp8_accuracy --fit      # refit the flow and rewrite the fixture first
 """
 
 from __future__ import annotations
@@ -93,21 +93,21 @@ def real_latents(model, tokenizer) -> Latents:
                    float(model.config.rms_norm_eps))
 
 
-def _pairs(lat: Latents) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(targets, contexts) [B·(SEQ-1-PROMPT), D] per layer: token_pre pairs of the action positions."""
+def _pairs(lat: Latents, first: int = PROMPT) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(targets, contexts) [B·(SEQ-1-first), D] per layer: token_pre pairs from position `first` on."""
     out = []
     for h in lat.hidden:
         cond, target, _ = flow_pairs(h, "token_pre", 1)
         d = h.shape[-1]
-        out.append((target[:, PROMPT:].reshape(-1, d), cond[:, PROMPT:].reshape(-1, d)))
+        out.append((target[:, first:].reshape(-1, d), cond[:, first:].reshape(-1, d)))
     return out
 
 
 def fit_flow(lat: Latents, progress: bool = True) -> VelocityField:
-    """A depth-`DEPTH` flow fitted by flow matching (Adam, cosine schedule) to the action tokens' pairs."""
+    """A depth-`DEPTH` flow fitted by flow matching (Adam, cosine schedule) to every pair of the sequences."""
     torch.manual_seed(FIT["seed"])
     field = VelocityField(lat.hidden[0].shape[-1], DEPTH, eps=lat.eps)
-    pairs = _pairs(lat)
+    pairs = _pairs(lat, first=0)
     target = torch.cat([t for t, _ in pairs])
     cond = torch.cat([c for _, c in pairs])
     layer = torch.cat([torch.full((t.shape[0],), f) for (t, _), f in zip(pairs, lat.fracs)])

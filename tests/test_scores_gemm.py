@@ -142,7 +142,7 @@ def test_gemm_route_seeded_noise_is_the_fused_routes(monkeypatch):
 
 # --------------------------------------------------------------------------- fp8
 
-@pytest.mark.parametrize("raw", ["bf16", "fp8"])
+@pytest.mark.parametrize("raw", ["bf16", "bf16-io", "fp8"])
 @pytest.mark.parametrize("act", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_fp8_kernels_match_the_torch_path(raw, act):
     """Triton row kernels (interpreter) and the torch row ops give the same fp8 scores: same quantised
