@@ -193,7 +193,7 @@ def test_fp8_capability_error_names_the_capability(monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dim", [1536, 3584])
+@pytest.mark.parametrize("dim", [1536])  # one real width: each width compiles every row-kernel variant anew
 def test_cuda_routes_bf16_and_fp8(dim):
     """On a GPU: the GEMM route in bf16 against the bf16 reference and, seeded, against the fused route;
     fp8 (bf16 activations, the default) tracks the reference. Outlier channels, J = 2."""

@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 
 from ..field import VelocityField
+from ..flow import _state_tensors, _version_key
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -125,11 +126,6 @@ class Fp8Weights:
 _CACHE_ATTR = "_flowkern_fp8_weights"
 
 
-def _version_key(field: VelocityField, out_dtype: torch.dtype) -> tuple:
-    """Host-side identity of the field's current parameters: no device access, no synchronisation."""
-    return (out_dtype,) + tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in field.parameters())
-
-
 def fp8_weights(field: VelocityField, out_dtype: torch.dtype = torch.bfloat16) -> Fp8Weights:
     """The field's fp8 weights with per-output-channel scales, quantised on first use and cached on the field.
 
@@ -137,7 +133,7 @@ def fp8_weights(field: VelocityField, out_dtype: torch.dtype = torch.bfloat16) -
     ``load_state_dict``) or replaced since it was built, as told by the parameters' version counters;
     outside that it costs nothing per call.
     """
-    key = _version_key(field, out_dtype)
+    key = (out_dtype, *_version_key(_state_tensors(field)))  # host-side: no device access, no sync
     cached = field.__dict__.get(_CACHE_ATTR)
     if cached is not None and cached[0] == key:
         return cached[1]
