@@ -64,7 +64,8 @@ def save_flow_field(field: VelocityField, path: PathLike, config: FlowConfig, *,
     the whole config, dim, depth and eps; an existing directory gets ``flow.safetensors``.
 
     ``format="official"``: the released RLFR layout, loadable by its OpenRLHF fork (``FlowReward`` with
-    ``strict=True``): a torch pickle at `path` (an existing directory gets ``flow_model.bin``) with
+    ``strict=True``): a torch pickle at `path` if it ends in ``.bin``, else ``path/flow_model.bin`` (the
+    directory is created; the released loader takes that directory), with
     ``model.``-prefixed keys, freqs as [1, 128] and every tensor fp32, plus ``flow_config.json`` beside it
     (`FlowConfig.to_official`: depth, hook layers, context mode, shift). The official files carry neither
     eps (the released code takes the policy's ``rms_norm_eps``) nor the reward settings.
@@ -79,7 +80,7 @@ def save_flow_field(field: VelocityField, path: PathLike, config: FlowConfig, *,
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     path = Path(path)
     if format == "official":
-        if path.is_dir():
+        if path.is_dir() or path.suffix != ".bin":  # the released loader looks for flow_model.bin in a directory
             path = path / OFFICIAL_NAME
         state = official_state_dict(field)
         _atomic_write(path, lambda tmp: torch.save(state, tmp))

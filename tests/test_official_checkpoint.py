@@ -347,3 +347,6 @@ def test_official_state_dict_and_export_errors(tmp_path):
     path = fk.save_flow_field(field, tmp_path / "out" / "flow_model.bin", fk.FlowConfig(depth=1), format="official")
     assert path.exists() and (tmp_path / "out" / "flow_config.json").exists()
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+    # a path without .bin is the directory the released loader is given
+    path = fk.save_flow_field(field, tmp_path / "export", fk.FlowConfig(depth=1), format="official")
+    assert path == tmp_path / "export" / "flow_model.bin" and (tmp_path / "export" / "flow_config.json").exists()
