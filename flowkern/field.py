@@ -103,7 +103,7 @@ class FinalLayer(nn.Module):
 class VelocityField(nn.Module):
     """The velocity network of DESIGN.md §1, width W = dim, K = depth blocks.
 
-    ``y = cond_embed(c) + time_embed(t) + layer_embed(ℓ)``; ``a = input_proj(x_t)``;
+    ``y = layer_embed(ℓ) + cond_embed(c) + time_embed(t)``; ``a = input_proj(x_t)``;
     K adaLN residual MLP blocks; an adaLN final layer projecting back to dim.
     Initialised so that v ≡ 0 (adaLN outputs and the output linear are zero).
 
