@@ -156,7 +156,8 @@ def test_fp8_kernels_match_the_torch_path(raw, act):
     kw = dict(fp8=True, raw=raw, act_dtype=act)
     got = scores_gemm.gemm_route_scores(field, x1, cond, layer, taus, noise, None, triton_rows=True, **kw)
     want = scores_gemm.gemm_route_scores(field, x1, cond, layer, taus, noise, None, triton_rows=False, **kw)
-    torch.testing.assert_close(got, want, rtol=2e-3 if act == torch.float16 else 1e-5, atol=0)
+    # fp16: a last-bit difference in SiLU or exp can flip one e4m3 rounding (a 1/16 step of one element)
+    torch.testing.assert_close(got, want, rtol=5e-3 if act == torch.float16 else 1e-5, atol=0)
 
 
 def test_fp8_scores_track_fp32():

@@ -111,7 +111,8 @@ def _interp_rows_kernel(x1_ptr, x1_stride, noise_ptr, stride_nj, stride_nr, tau_
 def _cond_rows_kernel(ce_ptr, temb_ptr, lemb_ptr, idx_ptr, out_ptr, out_scale_ptr, rows, n_tok, width, rows_per_prog,
                       LAYER: tl.constexpr, QUANT: tl.constexpr, DT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[j·n_tok + r] = SiLU(y), y = (cond_embed(c)[r] + temb[j]) + lemb[row r's entry], rounded like the reference.
+    """out[j·n_tok + r] = SiLU(y), y = (lemb[row r's entry] + cond_embed(c)[r]) + temb[j], rounded like the reference
+    (`VelocityField.conditioning`'s order, the released module's).
 
     LAYER as `scores._cond_kernel`'s: 0 one shared lemb row, 1 row ``idx[r]`` of a table, 2 row r.
 
@@ -129,8 +130,8 @@ def _cond_rows_kernel(ce_ptr, temb_ptr, lemb_ptr, idx_ptr, out_ptr, out_scale_pt
             li = tok
         else:
             li = tok * 0
-        y = kern._rnd(kern._load(ce_ptr, tok, width, mask, BLOCK_D) + kern._load(temb_ptr, j, width, mask, BLOCK_D), DT)
-        y = kern._rnd(y + kern._load(lemb_ptr, li, width, mask, BLOCK_D), DT)
+        y = kern._rnd(kern._load(lemb_ptr, li, width, mask, BLOCK_D) + kern._load(ce_ptr, tok, width, mask, BLOCK_D), DT)
+        y = kern._rnd(y + kern._load(temb_ptr, j, width, mask, BLOCK_D), DT)
         s = kern._rnd(kern._silu(y), DT)
         kern._store_rows(out_ptr, out_scale_ptr, r64, rmask, width, tl.where(mask, s, 0.0), mask, QUANT, BLOCK_D)
 
@@ -227,7 +228,7 @@ class _TorchRows:
     def cond(self, out: Act, ce, temb, lemb, idx, mode) -> None:
         le = {scores._LAYER_SHARED: lambda: lemb[0], scores._LAYER_INDEXED: lambda: lemb[idx.long()],
               scores._LAYER_PER_ROW: lambda: lemb}[mode]()
-        y = ((ce[None] + temb[:, None]).to(self.dtype) + le).to(self.dtype)
+        y = ((le + ce).to(self.dtype)[None] + temb[:, None]).to(self.dtype)
         _fill(out, F.silu(y.flatten(0, 1).float()), self.dtype)
 
     def act(self, out: Act, x, silu: bool) -> None:
