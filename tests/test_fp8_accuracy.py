@@ -8,12 +8,16 @@ printed (``pytest -s``) and recorded in the README. Without network the test ski
 (``FLOWKERN_REQUIRE_INTEGRATIONS=1``), where it fails.
 """
 
+import sys
+
 import pytest
 import torch
 
-from helpers import REQUIRE_INTEGRATIONS, need
+from helpers import REQUIRE_INTEGRATIONS, ROOT, need
 
 need("gguf")
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 from benchmarks import fp8_accuracy as fa  # noqa: E402
 from flowkern import VelocityField  # noqa: E402
