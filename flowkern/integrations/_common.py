@@ -24,6 +24,8 @@ from ..latents import pair_index
 from ..tap import find_decoder_layers
 
 FlowLike = Union[VelocityField, str, os.PathLike]
+FLOW_OPTIMIZER_NAME = "flow_optimizer.pt"
+FLOW_GENERATOR_NAME = "flow_generator_{rank}.pt"  # one per process: the flow's noise generator
 
 
 def require(module: str, extra: str):

@@ -37,8 +37,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
 from ..checkpoint import SAFETENSORS_NAME, load_flow_field, save_flow_field  # noqa: E402
 from ..config import FlowConfig  # noqa: E402
 from ..reward import flow_reward, reward_to_go  # noqa: E402
-from ._common import (FlowLike, LatentRecorder, broadcast_module, check_flow_fits_policy,  # noqa: E402
-                      check_max_tokens, decoder_layers, flow_update, resolve_flow, scored_mask)
+from ._common import (FLOW_GENERATOR_NAME, FLOW_OPTIMIZER_NAME, FlowLike, LatentRecorder,  # noqa: E402
+                      broadcast_module, check_flow_fits_policy, check_max_tokens, decoder_layers, flow_update, resolve_flow, scored_mask)
 
 _HOOKED = ("_generate_and_score_completions", "_calculate_rewards", "_get_per_token_logps_and_entropies",
            "_save_checkpoint", "_load_optimizer_and_scheduler")
@@ -46,9 +46,6 @@ _missing = [name for name in _HOOKED if not hasattr(GRPOTrainer, name)]
 if _missing:
     raise ImportError(f"flowkern.integrations.trl was written for trl 1.16 and hooks GRPOTrainer.{_missing}, which "
                       f"trl {getattr(_trl, '__version__', '?')} lacks; install it with: pip install flowkern[trl]")
-
-FLOW_OPTIMIZER_NAME = "flow_optimizer.pt"
-FLOW_GENERATOR_NAME = "flow_generator_{rank}.pt"  # one per process: the flow's noise generator
 
 __all__ = ["FlowGRPOTrainer", "FLOW_GENERATOR_NAME", "FLOW_OPTIMIZER_NAME"]
 
