@@ -113,3 +113,22 @@ def test_an_untrained_flow_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert warn_if_untrained(random_field(16, 2)) is False
+
+
+def test_trainer_online_update_with_max_tokens(tmp_path):
+    """The compact trainer's bounded update (--flow-max-tokens) runs and logs its loss every RL step."""
+    import json
+
+    from helpers import need
+
+    need("matplotlib")
+    from train.config import ConfigError, tiny_config
+    from train.pipeline import run_pipeline
+
+    out = tmp_path / "run"
+    run_pipeline(tiny_config(out=str(out), rl_steps=2, sft_steps=2, flow_steps=2, flow_soft=0.5, flow_max_tokens=8))
+    rl = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rl = [r for r in rl if r["stage"] == "rl" and r["kind"] == "train"]
+    assert len(rl) == 2 and all(r["flow_loss"] > 0 for r in rl)
+    with pytest.raises(ConfigError, match="--flow-max-tokens must be a positive integer"):
+        tiny_config(flow_max_tokens=0).validate()
