@@ -1,10 +1,10 @@
 """The online flow update shared by the TRL and verl adapters: chunked (max_tokens) equals unchunked, and its
 peak memory is bounded by the chunk, measured from the CPU allocator's own events.
 
-Peak memory on CPU: torch's profiler with ``profile_memory=True`` records every allocation and free of
-torch's CPU allocator as a ``[memory]`` event carrying its signed byte count and time. Summing them in time
-order gives the bytes allocated inside the profiled call at each instant; the maximum is the call's peak
-allocated memory above what existed before it (the inputs, the flow and its Adam state are allocated before).
+Peak memory on CPU (`flowkern.testing.peak_cpu_allocated_bytes`): torch's profiler with ``profile_memory=True``
+records every allocation and free of torch's CPU allocator as a ``[memory]`` event carrying its signed byte
+count and time. Summing them in time order gives the bytes allocated inside the profiled call at each instant;
+the maximum is the call's peak above what existed before it (inputs, the flow and its Adam state come before).
 """
 
 from __future__ import annotations
@@ -18,24 +18,9 @@ from helpers import random_field
 
 from flowkern import FlowConfig, VelocityField, latent_flow_loss
 from flowkern.integrations._common import NOISE_BLOCK, flow_update, resolve_flow, warn_if_untrained
+from flowkern.testing import peak_cpu_allocated_bytes
 
 FRACS = [0.25, 0.5, 0.75]
-
-
-def peak_allocated_bytes(fn) -> int:
-    """Peak CPU bytes allocated by torch during `fn()` (see the module docstring)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    assert events, "the profiler recorded no allocation"
-    now = peak = 0
-    for event in events:
-        now += event.nbytes()
-        peak = max(peak, now)
-    return peak
 
 
 def batch(B=4, T=129, D=32, seed=0, dtype=torch.float32):
@@ -96,7 +81,7 @@ def test_chunked_update_peak_memory_is_bounded_by_the_chunk():
         field = VelocityField(D, 2)
         opt = torch.optim.Adam(field.parameters(), lr=1e-3)
         flow_update(field, opt, latents, FRACS, mask, weights, config, max_tokens=limit)  # Adam state exists now
-        peaks[limit] = peak_allocated_bytes(
+        peaks[limit] = peak_cpu_allocated_bytes(
             lambda: flow_update(field, opt, latents, FRACS, mask, weights, config, max_tokens=limit))
     # Bound: 64 fp32 vectors of width D per token-layer of a chunk (the update keeps about 47, measured), plus
     # one noise block (t and ε of NOISE_BLOCK tokens at every layer) and the flow's gradients.
