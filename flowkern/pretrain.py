@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -71,7 +72,7 @@ class PretrainConfig:
         max_length: tokens kept per example (prompt + response; longer ones are cut at the end).
         eval_frac: share of the examples held out (at most `eval_examples`) when no `eval_data` is given.
         eval_examples: most examples held out from the data.
-        eval_tokens: most held-out pairs scored per evaluation.
+        eval_tokens: held-out pairs scored per evaluation (whole examples, in order, until this many).
         eval_every: steps between held-out evaluations (0: only at the start and the end).
         ckpt_every: steps between checkpoints (0: only at the end).
         keep_ckpts: checkpoints kept.
@@ -291,8 +292,6 @@ class _Policy:
     """The frozen policy and its tap: latent pairs of response tokens, group of examples by group."""
 
     def __init__(self, model, tokenizer, config: FlowConfig, device: torch.device):
-        import inspect
-
         self.model, self.config, self.device = model, config, device
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.tap = LatentTap(model, config.hook_layers)
@@ -410,17 +409,18 @@ def _heldout(field: VelocityField, policy: _Policy, groups: list[list[tuple[list
 
 
 def _heldout_groups(encoded: list[tuple[list[int], int]], counts: list[int], cfg: PretrainConfig,
-                    info: _Dist) -> list[list[tuple[list[int], int]]]:
-    """This rank's held-out examples, in forward groups, up to ``eval_tokens`` pairs over all ranks."""
-    mine, budget = [], cfg.eval_tokens
+                    info: _Dist) -> tuple[list[list[tuple[list[int], int]]], int]:
+    """This rank's held-out examples in forward groups, and the pairs of all ranks together: the
+    held-out examples in order until ``eval_tokens`` pairs are reached (the example crossing it included)."""
+    mine, total = [], 0
     for i, item in enumerate(encoded):
-        if budget <= 0:
+        if total >= cfg.eval_tokens:
             break
         if counts[i]:
-            budget -= counts[i]
+            total += counts[i]
             if i % info.world == info.rank:
                 mine.append(item)
-    return [mine[i:i + cfg.forward_batch] for i in range(0, len(mine), cfg.forward_batch)]
+    return [mine[i:i + cfg.forward_batch] for i in range(0, len(mine), cfg.forward_batch)], total
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -547,6 +547,9 @@ def pretrain(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
     """
     if not isinstance(cfg, PretrainConfig):
         raise TypeError(f"cfg must be a flowkern.pretrain.PretrainConfig, got {type(cfg).__name__}")
+    if cfg.format == "official" and "format" not in inspect.signature(save_flow_field).parameters:
+        raise ValueError("format='official' needs flowkern.save_flow_field(..., format='official'), which this "
+                         "flowkern does not have yet; use format='flowkern'")
     started = time.perf_counter()
     out = Path(out)
     info = _init_dist(cfg.device)
@@ -596,7 +599,7 @@ def pretrain(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
     generator = torch.Generator(device=info.device).manual_seed(cfg.seed * 1000003 + info.rank)
     stream = _Stream(encoded, counts, policy, cfg, info)
     fracs = torch.tensor(policy.layer_fracs, dtype=torch.float32, device=info.device)
-    heldout_groups = _heldout_groups(heldout, [count(item) for item in heldout], cfg, info)
+    heldout_groups, heldout_pairs = _heldout_groups(heldout, [count(item) for item in heldout], cfg, info)
     run = {"model": str(Path(model).resolve()), "flow_config": flow_config.to_dict(),
            **{k: getattr(cfg, k) for k in _RUN_KEYS}}
 
@@ -664,7 +667,7 @@ def pretrain(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
     report = {"model": str(Path(model)), "data": str(Path(data)), "steps": cfg.steps, "world": info.world,
               "tokens_seen": cfg.steps * cfg.batch_tokens, "train_loss_last": train_loss,
               "heldout_loss_initial": initial, "heldout_loss_final": final,
-              "heldout_pairs": cfg.eval_tokens if heldout_groups else 0,
+              "heldout_pairs": heldout_pairs,
               "heldout_examples": len(heldout_examples), "train_examples": len(examples),
               "ranks_identical": all(bool(torch.equal(spread[0], s)) for s in spread),
               "layer_fracs": policy.layer_fracs, "flow_config": flow_config.to_dict(),
@@ -700,6 +703,7 @@ def format_report(report: dict[str, Any]) -> str:
 def build_parser(prog: str = "flowkern-pretrain") -> argparse.ArgumentParser:
     """The command line of `main`."""
     d = PretrainConfig()
+    helps = _field_help()
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="directory of a local HF causal LM (and its tokenizer)")
     p.add_argument("--data", required=True, help="JSONL (prompt/response or text), plain text, or a datasets dir")
@@ -707,19 +711,36 @@ def build_parser(prog: str = "flowkern-pretrain") -> argparse.ArgumentParser:
     p.add_argument("--eval-data", help="held-out examples (default: --eval-frac of --data)")
     p.add_argument("--init", help="start from this flow checkpoint instead of a fresh field")
     p.add_argument("--depth", type=int, help="flow depth K (default 4 for D <= 2048, else 6)")
-    p.add_argument("--hook-layers", type=float, nargs="+", default=list(FlowConfig.hook_layers))
-    p.add_argument("--context-mode", choices=CONTEXT_MODES, default=FlowConfig.context_mode)
-    p.add_argument("--shift", type=int, default=FlowConfig.shift)
+    p.add_argument("--hook-layers", type=float, nargs="+", default=list(FlowConfig.hook_layers),
+                   help="depth fractions of the tapped decoder layers (default: %(default)s)")
+    p.add_argument("--context-mode", choices=CONTEXT_MODES, default=FlowConfig.context_mode,
+                   help="how a target token is paired with its context (default: %(default)s)")
+    p.add_argument("--shift", type=int, default=FlowConfig.shift, help="context distance (default: %(default)s)")
     for f in dataclasses.fields(PretrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(d, f.name)
         if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps.get(f.name))
         else:
-            p.add_argument(flag, type=type(default), default=default,
+            p.add_argument(flag, type=type(default), default=default, help=helps.get(f.name),
                            choices={"format": FORMATS, "dtype": (*DTYPES, "model"),
                                     "device": ("auto", "cpu", "cuda")}.get(f.name))
     return p
+
+
+def _field_help() -> dict[str, str]:
+    """Each field's help text, from the ``Attributes:`` section of `PretrainConfig`'s docstring."""
+    out: dict[str, str] = {}
+    names: list[str] = []
+    for line in (PretrainConfig.__doc__ or "").split("Attributes:")[-1].splitlines():
+        head, sep, text = line.strip().partition(": ")
+        if sep and line.startswith(" " * 8) and not line.startswith(" " * 12) and all(
+                n.strip().isidentifier() for n in head.split(",")):
+            names = [n.strip() for n in head.split(",")]
+            out.update({n: text for n in names})
+        elif line.strip():
+            out.update({n: out[n] + " " + line.strip() for n in names})
+    return {k: v.rstrip(".").replace("``", "") + " (default: %(default)s)" for k, v in out.items()}
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "flowkern-pretrain") -> int:

@@ -91,6 +91,19 @@ def test_chunked_update_peak_memory_is_bounded_by_the_chunk():
     assert peaks[None] > 10 * peaks[max_tokens], peaks  # 512 tokens unchunked: the bound is what chunking buys
 
 
+def test_a_nan_latent_is_refused_before_the_step():
+    config = FlowConfig(depth=2)
+    latents, mask = batch(D=16)
+    latents[1][0, 3, 0] = float("nan")
+    mask[0, 3] = True
+    field = random_field(16, 2, dtype=torch.float32)
+    before = copy.deepcopy(field.state_dict())
+    with pytest.raises(ValueError, match=r"latents\[1\]"):
+        flow_update(field, torch.optim.SGD(field.parameters(), lr=0.1), latents, FRACS, mask, torch.ones(4), config,
+                    max_tokens=16)
+    assert all(torch.equal(before[k], v) for k, v in field.state_dict().items())
+
+
 def test_an_untrained_flow_warns():
     fresh = VelocityField(16, 2)
     with pytest.warns(UserWarning, match="output layer is all zero"):

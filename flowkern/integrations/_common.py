@@ -16,11 +16,12 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .. import _checks
 from ..checkpoint import load_flow_field
 from ..config import FlowConfig
 from ..field import VelocityField
 from ..flow import flow_matching_loss
-from ..latents import pair_index
+from ..latents import pair_index, selected_pairs
 from ..tap import find_decoder_layers
 
 FlowLike = Union[VelocityField, str, os.PathLike]
@@ -256,7 +257,7 @@ def flow_update(field: VelocityField, optimizer: torch.optim.Optimizer, latents:
     device = field.input_proj.weight.device
     latents = [latent.to(device) for latent in latents]
     token_w = mask.to(device).float() * weights.to(device).float()[:, None]
-    index = pair_index(token_w != 0, config, token_w.shape[1])
+    index = pair_index(selected_pairs(token_w != 0, config, token_w.shape[1]), config)
     pair_w = token_w[index.rows, index.pos]
     n_layers = len(latents)
     totals = all_reduce_sum((pair_w.sum() * n_layers).double().reshape(1), process_group)
@@ -277,14 +278,16 @@ def flow_update(field: VelocityField, optimizer: torch.optim.Optimizer, latents:
         t, noise = _block_draws(seed, start, stop, repeats, n_layers, field.dim, device)
         w = pair_w[start:stop].repeat(n_layers)
         loss = flow_matching_loss(field, targets, conds, fracs.repeat_interleave(stop - start), w, t=t, noise=noise,
-                                  repeats=repeats, backend=backend)
+                                  repeats=repeats, backend=backend, check_finite=False)
         share = w.sum() / global_w  # this chunk's part of the global weight (a tensor: no host sync)
         (loss * share).backward()
         local += (loss.detach() * share).double()
+    total = all_reduce_sum(local.reshape(1), process_group)
+    _checks.finite_result("the online flow update's loss", total, **{f"latents[{i}]": lat for i, lat in enumerate(latents)})
     for p in field.parameters():
         all_reduce_sum(p.grad, process_group)
     optimizer.step()
-    return float(all_reduce_sum(local.reshape(1), process_group)[0])
+    return float(total[0])
 
 
 class LatentRecorder:
