@@ -339,7 +339,7 @@ class _FlowMatchingLoss(torch.autograd.Function):
             grads[0] = dx1
         del da
 
-        # ---- conditioning: y = cond_embed(c)[n] + temb(t)[r, n] + lemb(ℓ)
+        # ---- conditioning: y = lemb(ℓ) + cond_embed(c)[n] + temb(t)[r, n]
         if need_sy:
             dy = torch.empty_like(d_sy)
             _launch(kern.cond_bwd_kernel, tiling, d_sy, y, dy, rows, W)

@@ -220,7 +220,8 @@ def interp_kernel(x1_ptr, x1_stride, noise_ptr, noise_stride, seed_ptr, t_ptr, x
 def cond_kernel(cl_ptr, et_ptr, el_ptr, el_stride, y_ptr, sy_ptr,
                 rows, n_tok, width, rows_per_prog,
                 EL_PER_TOKEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``y = cond_embed(c)[token] + temb(t)[row] + lemb(ℓ)[token or 0]`` and ``silu(y)``.
+    """``y = (lemb(ℓ)[token or 0] + cond_embed(c)[token]) + temb(t)[row]`` (the reference's and the released
+    module's order, rounded as they round) and ``silu(y)``.
 
     Bytes: reads cond_embed(c) and temb (2 units; lemb is one cached row unless per token),
     writes y and silu(y) (2) -> 4 units, 112 µs floor.
@@ -230,12 +231,12 @@ def cond_kernel(cl_ptr, et_ptr, el_ptr, el_stride, y_ptr, sy_ptr,
     for i in range(0, rows_per_prog, BLOCK_M):
         r, r64, rmask, mask = _tile(pid * rows_per_prog + i, rows, width, BLOCK_M, BLOCK_D)
         tok = (r % n_tok).to(tl.int64)
-        y = _rnd(_load(cl_ptr, tok, width, mask, BLOCK_D) + _load(et_ptr, r64, width, mask, BLOCK_D), DT)
         if EL_PER_TOKEN:
-            y += _load(el_ptr, tok, el_stride, mask, BLOCK_D)
+            y = _load(el_ptr, tok, el_stride, mask, BLOCK_D)
         else:
-            y += _load(el_ptr, tok * 0, 0, mask, BLOCK_D)
-        y = _rnd(y, DT)
+            y = _load(el_ptr, tok * 0, 0, mask, BLOCK_D)
+        y = _rnd(y + _load(cl_ptr, tok, width, mask, BLOCK_D), DT)
+        y = _rnd(y + _load(et_ptr, r64, width, mask, BLOCK_D), DT)
         _store(y_ptr, r64, width, y, mask, BLOCK_D)
         _store(sy_ptr, r64, width, _silu(y), mask, BLOCK_D)
 
