@@ -85,7 +85,8 @@ class PretrainConfig:
         dtype: the frozen policy's dtype: bfloat16, float16, float32, or "model" (its own).
         device: "auto" (the local CUDA device when there is one), "cpu" or "cuda".
         backend: flowkern backend of the flow loss ("auto", "torch", "triton").
-        format: "flowkern" (safetensors + JSON), or "official" to also write the released ``flow_model.bin``.
+        format: "flowkern" (safetensors + JSON), or "official" to also write the released layout
+            (``official/flow_model.bin`` + ``flow_config.json``, the directory the released loader takes).
         resume: continue from the newest checkpoint under ``out`` when there is one.
         progress: show a progress bar (rank 0).
     """
@@ -532,7 +533,7 @@ def pretrain(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
     Args:
         model: directory of a local HF causal LM and its tokenizer.
         data: JSONL, plain text, or an HF ``datasets`` directory (see `load_examples`).
-        out: output directory: ``flow.safetensors`` + ``flow.json`` (and ``flow_model.bin`` +
+        out: output directory: ``flow.safetensors`` + ``flow.json`` (and ``official/flow_model.bin`` +
             ``flow_config.json`` with ``cfg.format="official"``), ``metrics.jsonl``, ``report.json``, ``ckpt/``.
         cfg: the run's settings.
         flow_config: the flow's `FlowConfig`, or a dict of FlowConfig fields over the defaults; the
@@ -547,9 +548,6 @@ def pretrain(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
     """
     if not isinstance(cfg, PretrainConfig):
         raise TypeError(f"cfg must be a flowkern.pretrain.PretrainConfig, got {type(cfg).__name__}")
-    if cfg.format == "official" and "format" not in inspect.signature(save_flow_field).parameters:
-        raise ValueError("format='official' needs flowkern.save_flow_field(..., format='official'), which this "
-                         "flowkern does not have yet; use format='flowkern'")
     started = time.perf_counter()
     out = Path(out)
     info = _init_dist(cfg.device)
@@ -675,8 +673,7 @@ def pretrain(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
     if info.main:
         report["flow"] = str(save_flow_field(field.cpu(), out / FLOW_NAME, flow_config))
         if cfg.format == "official":
-            report["official"] = str(save_flow_field(field.cpu(), out / "flow_model.bin", flow_config,
-                                                     format="official"))
+            report["official"] = str(save_flow_field(field.cpu(), out / "official", flow_config, format="official"))
         (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     _barrier(info)
     if info.world > 1:

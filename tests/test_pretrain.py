@@ -66,9 +66,13 @@ FAST = dict(steps=6, batch_tokens=48, lr=3e-3, warmup_steps=2, eval_tokens=64, e
 
 def test_run_writes_a_flow_that_fits_better_than_the_start(assets, tmp_path):
     model, data = assets
-    report = pretrain(model, data, tmp_path, PretrainConfig(**FAST), flow_config={"depth": 2})
+    report = pretrain(model, data, tmp_path, PretrainConfig(**FAST, format="official"), flow_config={"depth": 2})
     field, config = load_flow_field(tmp_path)
     assert config == FlowConfig(depth=2) and field.dim == 32
+    official, _ = load_flow_field(tmp_path / "official" / "flow_model.bin")  # the released layout, same weights
+    assert report["official"] == str(tmp_path / "official" / "flow_model.bin")
+    for key, value in field.state_dict().items():
+        assert torch.equal(official.state_dict()[key], value), key
     assert report["heldout_loss_final"] < report["heldout_loss_initial"]
     assert report["train_examples"] + report["heldout_examples"] == 40 and report["heldout_examples"] == 2
     assert report["world"] == 1 and report["ranks_identical"]
