@@ -254,6 +254,7 @@ class _Dist:
     rank: int
     world: int
     device: torch.device
+    owns_group: bool = False  # this run started the process group (and ends it)
 
     @property
     def main(self) -> bool:
@@ -271,9 +272,10 @@ def _init_dist(device: str) -> _Dist:
     if use_cuda:
         torch.cuda.set_device(dev)
     dist = torch.distributed
-    if world > 1 and not dist.is_initialized():
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return _Dist(rank, world, dev)
+    return _Dist(rank, world, dev, owns)
 
 
 def _all_sum(t: torch.Tensor, info: _Dist) -> torch.Tensor:
@@ -676,7 +678,7 @@ def pretrain(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
             report["official"] = str(save_flow_field(field.cpu(), out / "official", flow_config, format="official"))
         (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     _barrier(info)
-    if info.world > 1:
+    if info.owns_group:
         torch.distributed.destroy_process_group()
     return report
 
