@@ -282,6 +282,8 @@ def test_chunked_online_update_equals_the_unchunked_one(tmp_path):
         torch.testing.assert_close(flows[1][key], value, rtol=1e-5, atol=1e-6, msg=key)
     with pytest.raises(ValueError, match="flow_update_max_tokens must be a positive integer"):
         make_trainer(tmp_path / "bad", flow_update_max_tokens=0)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        make_trainer(tmp_path / "bad", flow_precision="int8")
 
 
 def test_an_untrained_flow_warns(tmp_path):

@@ -397,6 +397,12 @@ def test_hook_refuses_bad_input(verl_integration):
         verl_integration.FlowRewardHook(model, VelocityField(16, config.depth), config)
     with pytest.raises(ValueError, match="flow_config is missing"):
         verl_integration.FlowRewardHook(model, VelocityField(HIDDEN, config.depth))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        verl_integration.FlowRewardHook(model, random_field(config.depth), config, precision="int8")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        verl_integration.FlowRewardHook(model, random_field(config.depth), config, layout="last")
+    with pytest.raises(ValueError, match="max_tokens must be a positive integer"):
+        verl_integration.FlowRewardHook(model, random_field(config.depth), config, max_tokens=0)
     hook = verl_integration.FlowRewardHook(model, random_field(config.depth), config)
     input_ids, attention_mask, responses, response_mask, _ = verl_batch([2, 4], [5, 3])
     with pytest.raises(ValueError, match="responses differ from the last R columns"):

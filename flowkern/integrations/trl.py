@@ -36,6 +36,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
 
 from ..checkpoint import SAFETENSORS_NAME, load_flow_field, save_flow_field  # noqa: E402
 from ..config import FlowConfig  # noqa: E402
+from ..flow import check_precision  # noqa: E402
 from ..reward import flow_reward, reward_to_go  # noqa: E402
 from ._common import (FLOW_GENERATOR_NAME, FLOW_OPTIMIZER_NAME, FlowLike, LatentRecorder,  # noqa: E402
                       broadcast_module, check_flow_fits_policy, check_max_tokens, decoder_layers, flow_update, resolve_flow, scored_mask)
@@ -69,6 +70,9 @@ class FlowGRPOTrainer(GRPOTrainer):
         flow_gamma: discount γ of the flow rewards' reward-to-go.
         flow_repeats: noise draws per token in the flow-matching loss.
         flow_backend: flowkern backend ("auto", "torch", "triton", "cuda").
+        flow_precision: the dtype the flow is scored in (`flowkern.flow_reward`): "auto" (bf16 on
+            CUDA through a cached copy of the fp32 weights, fp32 on CPU), "fp32", "bf16" or "fp16".
+            The flow's weights, its online update and its Adam state stay fp32.
         flow_update_max_tokens: at most this many completion tokens (each at every hooked
             layer) per forward/backward of the online update; gradients are accumulated
             over the chunks, so its memory is bounded whatever the batch (None: one chunk).
@@ -87,8 +91,10 @@ class FlowGRPOTrainer(GRPOTrainer):
                  flow_config: Optional[FlowConfig] = None, flow_lr: float = 1e-4,
                  flow_incorrect_weight: float = 0.0, online_flow_update: bool = True,
                  correct_threshold: float = 1.0, flow_gamma: float = 1.0, flow_repeats: int = 1,
-                 flow_backend: str = "auto", flow_update_max_tokens: Optional[int] = None, **kwargs):
+                 flow_backend: str = "auto", flow_update_max_tokens: Optional[int] = None,
+                 flow_precision: str = "auto", **kwargs):
         field, config = resolve_flow(flow, flow_config)
+        check_precision(flow_precision)
         check_max_tokens("flow_update_max_tokens", flow_update_max_tokens)
         for name, value in (("flow_lr", flow_lr), ("flow_incorrect_weight", flow_incorrect_weight),
                             ("correct_threshold", correct_threshold), ("flow_gamma", flow_gamma)):
@@ -115,6 +121,7 @@ class FlowGRPOTrainer(GRPOTrainer):
         self.flow_gamma = float(flow_gamma)
         self.flow_repeats = flow_repeats
         self.flow_backend = flow_backend
+        self.flow_precision = flow_precision
         self.flow_update_max_tokens = flow_update_max_tokens
         self._flow_layers = decoder_layers(self.model)
         self._flow_generator = torch.Generator(device=device)
@@ -171,7 +178,8 @@ class FlowGRPOTrainer(GRPOTrainer):
         action = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), loss_mask], dim=1)
         scored = scored_mask(action, attention_mask, self.flow_config)
         rewards = flow_reward(self.flow_field, latents, scored, self.flow_config, layer_fracs=recorder.layer_fracs,
-                              generator=self._flow_generator, backend=self.flow_backend)[:, P:]
+                              generator=self._flow_generator, backend=self.flow_backend,
+                              precision=self.flow_precision)[:, P:]
         sequence_advantages = output["advantages"]
         advantages = sequence_advantages.float()[:, None] + reward_to_go(rewards, self.flow_gamma)
         output["advantages"] = advantages.masked_fill(~loss_mask, 0.0)

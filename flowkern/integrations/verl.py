@@ -41,6 +41,7 @@ from verl.trainer.ppo import core_algos, ray_trainer  # noqa: E402
 
 from ..checkpoint import SAFETENSORS_NAME, load_flow_field, save_flow_field  # noqa: E402
 from ..config import FlowConfig  # noqa: E402
+from ..flow import check_precision  # noqa: E402
 from ..reward import flow_reward, shape_advantages  # noqa: E402
 from ._common import (FLOW_GENERATOR_NAME, FLOW_OPTIMIZER_NAME, FlowLike, LatentRecorder, as_bool_mask,  # noqa: E402
                       broadcast_module, check_flow_fits_policy, check_max_tokens, decoder_layers, flow_update,
@@ -246,6 +247,9 @@ class FlowRewardHook:
         incorrect_weight: weight of incorrect rollouts in `update_flow`.
         micro_batch_size: rows per forward pass (default: the whole batch).
         backend: flowkern backend.
+        precision: the dtype the flow is scored in (`flowkern.flow_reward`): "auto" (bf16 on CUDA through
+            a cached copy of the fp32 weights, fp32 on CPU), "fp32", "bf16" or "fp16". The flow's
+            weights, its update and its Adam state stay fp32.
         device: where the flow lives (default: the device of the first batch).
         process_group: ranks whose flow copies are kept identical (default: the world).
         seed: seed of the noise generator (each rank should pass its own, e.g. ``seed + rank``).
@@ -262,8 +266,9 @@ class FlowRewardHook:
                  lr: float = 1e-4, incorrect_weight: float = 0.0, micro_batch_size: Optional[int] = None,
                  backend: str = "auto", device: Optional[torch.device] = None, process_group=None,
                  seed: int = 0, repeats: int = 1, layers: Optional[nn.ModuleList] = None,
-                 max_tokens: Optional[int] = None, layout: str = "separate"):
+                 max_tokens: Optional[int] = None, layout: str = "separate", precision: str = "auto"):
         field, config = resolve_flow(flow, flow_config)
+        check_precision(precision)
         check_max_tokens("max_tokens", max_tokens)
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -282,6 +287,7 @@ class FlowRewardHook:
         self.incorrect_weight = float(incorrect_weight)
         self.micro_batch_size = micro_batch_size
         self.backend = backend
+        self.precision = precision
         self.process_group = process_group
         self.repeats = repeats
         self.max_tokens = max_tokens
@@ -369,7 +375,8 @@ class FlowRewardHook:
             rows = response.any(dim=1).nonzero()[:, 0]
             action[rows, P + last_true(response[rows])] = False  # the outcome's slot gets no flow reward
         rewards = flow_reward(self.field, latents, scored_mask(action, attention, self.config), self.config,
-                              layer_fracs=fracs, noise=noise, generator=self.generator, backend=self.backend)[:, P:]
+                              layer_fracs=fracs, noise=noise, generator=self.generator, backend=self.backend,
+                              precision=self.precision)[:, P:]
         return (rewards, latents) if return_latents else rewards
 
     def __call__(self, data: Any) -> torch.Tensor:
