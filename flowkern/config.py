@@ -31,6 +31,9 @@ class FlowConfig:
         topk: number of tokens kept per sequence after the threshold (0 keeps all).
         coef: β; a kept token's reward is ``-β * s``.
         eps: RMSNorm epsilon of the velocity field.
+        noise_draws: K independent noise draws ε per scored token, averaged (1 is the
+            paper's single-draw estimate). The draws are batched as K times the rows
+            of one scoring call, not K calls.
     """
 
     hook_layers: tuple[float, ...] = (0.25, 0.5, 0.75)
@@ -43,6 +46,7 @@ class FlowConfig:
     topk: int = 15
     coef: float = 0.01
     eps: float = 1e-6
+    noise_draws: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hook_layers", _float_tuple("hook_layers", self.hook_layers))
@@ -60,6 +64,7 @@ class FlowConfig:
         _check_int("shift", self.shift, minimum=0 if self.context_mode == "identity" else 1)
         _check_int("depth", self.depth, minimum=1)
         _check_int("topk", self.topk, minimum=0)
+        _check_int("noise_draws", self.noise_draws, minimum=1)
         for name in ("threshold", "coef"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

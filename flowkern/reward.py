@@ -37,7 +37,8 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
         config: the flow configuration.
         layer_fracs: layer fraction ℓ = index / L of each latent (`LatentTap.layer_fracs`).
         noise: optional list of [B, T, D] tensors, one per latent; the target token at
-            position k uses ``noise[l][:, k]``, shared by all timesteps.
+            position k uses ``noise[l][:, k]``, shared by all timesteps. With
+            ``config.noise_draws`` K > 1 each tensor is [K, B, T, D] (one slice per draw).
         generator: random source for the noise when `noise` is None.
         backend: "auto", "torch", "triton" or "cuda". It selects the scoring backend and
             the shaping backend; a stage that has no such implementation uses "auto".
@@ -46,13 +47,14 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
         raise TypeError(f"config must be a flowkern.FlowConfig, got {type(config).__name__}")
     latents, layer_fracs = check_latents(field, latents, layer_fracs, action_mask)
     B, T, D = latents[0].shape
+    draws = config.noise_draws
     if noise is not None:
         noise = list(noise)
         if len(noise) != len(latents):
             raise ValueError(f"noise has {len(noise)} tensors for {len(latents)} latents")
         for i, nz in enumerate(noise):
             _checks.floating(f"noise[{i}]", nz)
-            _checks.shape(f"noise[{i}]", nz, (B, T, D))
+            _checks.shape(f"noise[{i}]", nz, (B, T, D) if draws == 1 else (draws, B, T, D))
             _checks.same_device(**{"latents[0]": latents[0], f"noise[{i}]": nz})
             _checks.finite(f"noise[{i}]", nz)
     score_backend, shape_backend = _stage_backends(backend)
@@ -61,17 +63,22 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
     scores = torch.zeros(B, T, dtype=torch.float32, device=action_mask.device)
     # The gathered copies are bounded: tokens are scored in near-equal chunks of at most SCORE_GATHER_BYTES of
     # copies (one chunk, hence one flow_scores call, unless the batch is large).
-    per_token = sum(2 * lat.element_size() * D for lat in latents) + sum(nz.element_size() * D for nz in noise or [])
+    # K noise draws are K copies of the rows of one call (one larger GEMM), averaged afterwards.
+    per_token = draws * (sum(2 * lat.element_size() * D for lat in latents)
+                         + sum(nz.element_size() * D for nz in noise or []))
     count = -(-index.n // max(1, SCORE_GATHER_BYTES // per_token))
     fracs = torch.tensor(layer_fracs, dtype=torch.float32, device=action_mask.device)
     for i in range(count):  # chunk sizes differ by at most one token
         part = index.slice(i * index.n // count, (i + 1) * index.n // count)
         targets, conds = part.gather(latents)
+        if draws > 1:
+            targets, conds = targets.repeat(draws, 1), conds.repeat(draws, 1)
         per_layer = flow_scores(
-            field, targets, conds, fracs.repeat_interleave(part.n), timesteps=config.timesteps,
-            noise=None if noise is None else torch.cat([nz[part.rows, part.pos] for nz in noise]),
+            field, targets, conds, fracs.repeat_interleave(part.n).repeat(draws), timesteps=config.timesteps,
+            noise=None if noise is None else torch.cat([nz.reshape(draws, B, T, D)[k, part.rows, part.pos]
+                                                        for k in range(draws) for nz in noise]),
             generator=generator, backend=score_backend)
-        scores[part.rows, part.pos] = per_layer.view(len(latents), part.n).mean(0)
+        scores[part.rows, part.pos] = per_layer.view(draws * len(latents), part.n).mean(0)
     return shape_rewards(scores, index.selected, config, backend=shape_backend)
 
 
