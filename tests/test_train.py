@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 from pathlib import Path
@@ -26,6 +27,7 @@ from train.distributed import DistInfo
 from train.pipeline import run_pipeline
 from train.policy import encode_traces, load_policy, response_mask
 from train.rl import entropy_advantage, ppo_clip_loss
+from train.sweep import run_sweep
 from train.evaluate import first_error_positions
 from train.task import TaskSpec, extract_boxed, first_error, make_problem, make_splits, verify
 from train.tokenizer import build_tokenizer
@@ -246,13 +248,48 @@ def test_smoke_every_stage(tiny_run):
     assert r.abs().max() <= cfg.flow_coef + 1e-7  # |s| <= 1 with minmax-bil, times beta
     # outputs
     for name in ("curves.png", "flow_heatmap.html", "token_classes.md", "flow_pretrained.safetensors",
-                 "metrics.jsonl", "summary.json", "config.json"):
+                 "metrics.jsonl", "summary.json", "config.json", "diagnostics.md", "diagnostics.png"):
         assert (out / name).stat().st_size > 0, name
-    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("curves.png", "diagnostics.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
     html = (out / "flow_heatmap.html").read_text()
-    assert html.count("class='r'") == cfg.report_rollouts and "title='reward" in html
+    assert html.count("class='r'") == 2 * cfg.report_rollouts and "title='reward" in html  # sampled + greedy
+    assert "temperature 1" in html and "Greedy held-out" in html and "class='p'" in html
     classes = {row["class"]: row for row in summary["token_classes"]}
-    assert classes["digits/operators"]["tokens"] > 0 and classes["words/connectives"]["tokens"] >= 0
+    assert set(classes) == {"digits", "operators", "=", "connectives", "format/other"}
+    assert classes["digits"]["tokens"] > 0
+    diag = summary["diagnostics"]
+    assert diag["n_rollouts"] == cfg.diag_rollouts and -1 <= diag["noise"]["spearman_tokens"] <= 1
+    assert "layer average" in (out / "diagnostics.md").read_text()
+    # checkpoints and flows honour the umask like every other output
+    mode = 0o666 & ~_umask()
+    for path in (out / "flow_pretrained.safetensors", latest_checkpoint(out) / "flow.safetensors", out / "ckpt" / "latest"):
+        assert path.stat().st_mode & 0o777 == mode, path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_diagnose_command_and_sweep(tiny_run, tmp_path, capsys):
+    cfg, out, _, _ = tiny_run
+    assert cli_main(["diagnose", "--from", str(out), "--rollouts", "8", "--noise-draws", "1", "4",
+                     "--out", str(tmp_path / "d")]) == 0
+    text = (tmp_path / "d" / "diagnostics.md").read_text()
+    assert "### Noise draws K" in text and "\n| 4 |" in text and text in capsys.readouterr().out
+    report = json.loads((tmp_path / "d" / "diagnostics.json").read_text())
+    assert set(report["by_noise_draws"]) == {"1", "4"}
+    assert cli_main(["diagnose", "--from", str(tmp_path / "nothing")]) == 2
+    assert "--from" in capsys.readouterr().err
+    base = tmp_path / "base"
+    run_pipeline(tiny_config(out=str(base), stop_after="flow", ckpt_every=1000))
+    table = run_sweep(base, tmp_path / "sweep", ["run's pretrained flow", "norm mean", "depth 1"], rollouts=6)
+    assert table.count("\n| ") == 4 and "| depth 1 | new |" in table  # header + 3 variants
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [r["n_rollouts"] for r in rows] == [6, 6, 6]
+    assert rows[0]["seq_auroc"] == rows[1]["seq_auroc"] or math.isnan(rows[0]["seq_auroc"])  # same raw scores
 
 
 def test_checkpoint_round_trip(tiny_run, tmp_path):

@@ -429,40 +429,62 @@ def write_summary(run: Run, extra: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def diagnose_from(run_dir: str | Path, *, rollouts: int = 256, draws: Sequence[int] = (1, 4, 16),
-                  out: Optional[str | Path] = None, seed: int = 0, device: str = "auto") -> dict[str, Any]:
-    """`run_diagnostics` on the latest checkpoint of a finished run directory (``python -m train diagnose``).
+def load_run(run_dir: str | Path, *, checkpoint: Optional[str | Path] = None, out: Optional[str | Path] = None,
+             device: str = "auto", fresh_field: bool = False, **overrides: Any) -> Run:
+    """A `Run` restored from a finished run directory, for analysis after training.
 
-    Reads ``<run_dir>/config.json`` and ``<run_dir>/ckpt``; writes the report
-    files into `out` (default: `run_dir`). Raises `ConfigError` naming
-    ``--from`` when the directory holds no run.
+    Reads ``<run_dir>/config.json`` (with `overrides` applied) and `checkpoint`
+    (default: the run's latest). With `fresh_field` the velocity field is a new
+    one built from the (overridden) flow settings instead of the checkpoint's.
+    Metrics are not logged. Raises `ConfigError` naming ``--from`` when the
+    directory holds no run.
     """
+    from flowkern import VelocityField
+
     from .checkpoint import latest_checkpoint, load_checkpoint
     from .config import ConfigError, TrainConfig
     from .policy import load_policy
     from .task import make_splits
 
     run_dir = Path(run_dir)
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     if not (run_dir / "config.json").exists() or ckpt is None:
         raise ConfigError(f"--from {run_dir}: not a trainer run directory (needs config.json and ckpt/latest)")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = json.loads((run_dir / "config.json").read_text())
-    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in known})
-    cfg.device = device
+    cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **overrides, "device": device})
     cfg.validate()
-    if rollouts < 1 or any(k < 1 for k in draws):
-        raise ConfigError(f"--rollouts and --noise-draws must be positive; got {rollouts}, {list(draws)}")
     info = D.init(device)
     ck = load_checkpoint(ckpt, info)
     policy, tokenizer = load_policy(ck["policy_dir"], info.device)
-    _, heldout = make_splits(cfg.seed, cfg.n_train, cfg.n_heldout, cfg.task_spec())
+    train, heldout = make_splits(cfg.seed, cfg.n_train, cfg.n_heldout, cfg.task_spec())
+    if fresh_field:
+        fcfg = cfg.flow_config()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            field = VelocityField(policy.config.hidden_size, fcfg.depth,
+                                  eps=float(getattr(policy.config, "rms_norm_eps", 1e-6) or 1e-6))
+    else:
+        field, fcfg = ck["field"], ck["flow_config"] or cfg.flow_config()
     target = Path(out) if out is not None else run_dir
     target.mkdir(parents=True, exist_ok=True)
-    run = Run(cfg=cfg, info=info, out=target, tokenizer=tokenizer, policy=policy, field=ck["field"].to(info.device),
-              flow_config=ck["flow_config"] or cfg.flow_config(), train=[], heldout=heldout,
-              generator=torch.Generator(), metrics=MetricsLog(target / "metrics.jsonl", enabled=False))
+    return Run(cfg=cfg, info=info, out=target, tokenizer=tokenizer, policy=policy, field=field.to(info.device),
+               flow_config=fcfg, train=train, heldout=heldout, generator=torch.Generator().manual_seed(cfg.seed),
+               metrics=MetricsLog(target / "metrics.jsonl", enabled=False))
+
+
+def diagnose_from(run_dir: str | Path, *, rollouts: int = 256, draws: Sequence[int] = (1, 4, 16),
+                  out: Optional[str | Path] = None, seed: int = 0, device: str = "auto") -> dict[str, Any]:
+    """`run_diagnostics` on the latest checkpoint of a finished run directory (``python -m train diagnose``).
+
+    Writes the report files into `out` (default: `run_dir`).
+    """
+    from .config import ConfigError
+
+    if rollouts < 1 or any(k < 1 for k in draws):
+        raise ConfigError(f"--rollouts and --noise-draws must be positive; got {rollouts}, {list(draws)}")
+    run = load_run(run_dir, out=out, device=device)
     report = run_diagnostics(run, rollouts, draws=draws, seed=seed)
     print(report["markdown"], flush=True)
-    print(f"[train] diagnostics of {ckpt} in {target}", flush=True)
+    print(f"[train] diagnostics of {run_dir} in {run.out}", flush=True)
     return report
