@@ -22,20 +22,21 @@ from .config import ConfigError
 from .evaluate import load_run, run_diagnostics
 from .flow_pretrain import run_flow_pretrain
 
-# name -> (overrides of the run's config, whether a new field is pretrained)
+# name -> (overrides of the run's config, whether a new field is pretrained); a new field differs from the
+# run's pretrained one in the overridden settings (same policy, trace distribution and step count otherwise)
 VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
     "run's pretrained flow": ({}, False),
-    "token_pre, depth 2, 100 steps": ({"flow_context": "token_pre", "flow_depth": 2, "flow_steps": 100}, True),
-    "token_post": ({"flow_context": "token_post", "flow_depth": 2, "flow_steps": 100}, True),
-    "depth 1": ({"flow_context": "token_pre", "flow_depth": 1, "flow_steps": 100}, True),
-    "depth 4": ({"flow_context": "token_pre", "flow_depth": 4, "flow_steps": 100}, True),
-    "25 flow steps": ({"flow_context": "token_pre", "flow_depth": 2, "flow_steps": 25}, True),
-    "400 flow steps": ({"flow_context": "token_pre", "flow_depth": 2, "flow_steps": 400}, True),
+    "token_post": ({"flow_context": "token_post"}, True),
+    "depth 1": ({"flow_depth": 1}, True),
+    "depth 4": ({"flow_depth": 4}, True),
+    "half the flow steps": ({"flow_steps": "half"}, True),
+    "twice the flow steps": ({"flow_steps": "twice"}, True),
     "norm minmax (one-sided)": ({"flow_norm": "minmax"}, False),
     "norm mean": ({"flow_norm": "mean"}, False),
     "threshold 0, top-k all": ({"flow_threshold": 0.0, "flow_topk": 0}, False),
     "K = 16 noise draws": ({"flow_noise_draws": 16}, False),
 }
+
 
 
 def _checkpoint(run_dir: Path, stage: str) -> Path:
@@ -65,6 +66,10 @@ def run_sweep(run_dir: str | Path, out: str | Path, names: Optional[Sequence[str
         overrides, fresh = VARIANTS[name]
         t0 = time.perf_counter()
         where = out / f"v{i:02d}"
+        if overrides.get("flow_steps") in ("half", "twice"):  # relative to the run's own flow pretraining
+            steps = json.loads((run_dir / "config.json").read_text())["flow_steps"]
+            overrides = {**overrides, "flow_steps": max(1, steps // 2) if overrides["flow_steps"] == "half"
+                         else 2 * steps}
         run = load_run(run_dir, checkpoint=sft if fresh else flow, out=where, fresh_field=fresh, progress=False,
                        **overrides)
         if fresh:
