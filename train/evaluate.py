@@ -12,7 +12,7 @@ import torch
 
 from flowkern import FlowConfig, flow_reward, shape_rewards
 from flowkern.diagnostics import diagnose, format_diagnosis
-from flowkern.latents import pair_index
+from flowkern.latents import selected_pairs
 
 from . import distributed as D
 from .context import MetricsLog, Run
@@ -158,7 +158,7 @@ def score_rollouts(run: Run, batch: dict[str, torch.Tensor], fcfg: FlowConfig, s
 
     layers = [raw([lat], [f], seed + i) for i, (lat, f) in enumerate(zip(latents, fracs))]
     mean = torch.stack(layers).mean(0)
-    scored = pair_index(action, fcfg, action.shape[1]).selected
+    scored = selected_pairs(action, fcfg, action.shape[1])
     return {"layers": layers, "mean": mean, "rescored": raw(latents, fracs, seed + 1000),
             "shaped": shape_rewards(mean, scored, fcfg, backend="auto"), "scored": scored,
             "layer_names": [f"hook {p:g}: layer {round(f * run.policy.config.num_hidden_layers)}"
