@@ -74,6 +74,8 @@ class TrainConfig:
     flow_online_lr: float = _f(1e-4, "online flow update learning rate (Adam)")
     flow_repeats: int = _f(2, "(t, noise) draws per token in the flow-matching loss")
     flow_soft: float = _f(0.0, "online flow update weight of incorrect rollouts (0: correct only)")
+    flow_max_tokens: Optional[int] = _f(None, "online flow update: at most this many tokens per forward/backward "
+                                              "(chunks with gradient accumulation; default: one chunk)")
     flow_depth: int = _f(2, "velocity field depth K")
     flow_norm: str = _f("minmax-bil", "flow score normalisation: minmax, minmax-bil, mean or none")
     flow_threshold: float = _f(0.6, "flow score threshold eta")
@@ -139,6 +141,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer; got {value!r}")
+        if self.flow_max_tokens is not None and (isinstance(self.flow_max_tokens, bool)
+                                                 or not isinstance(self.flow_max_tokens, int) or self.flow_max_tokens < 1):
+            raise ConfigError(f"--flow-max-tokens must be a positive integer; got {self.flow_max_tokens!r}")
         for name in ("sft_steps", "flow_steps", "rl_steps", "rl_warmup", "eval_every", "threads", "report_rollouts",
                      "diag_rollouts"):
             value = getattr(self, name)
