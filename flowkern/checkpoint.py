@@ -40,6 +40,17 @@ def sidecar_path(path: PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def umask_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file: 0o666 less the process umask.
+
+    `tempfile.mkstemp` creates files with mode 0600; atomic writers chmod their
+    temp file to this so outputs are as readable as every other file written.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write through `write(tmp_path)` into a temp file beside `path`, then rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,6 +58,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, umask_mode())  # after writing: a writer may replace the file (safetensors does)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -35,6 +35,9 @@ class FlowConfig:
         eps: RMSNorm epsilon of the velocity field.
         score_precision: the precision `flow_reward` scores in unless told otherwise (`flowkern.flow.PRECISIONS`:
             auto, fp32, bf16, fp16 or fp8).
+        noise_draws: K independent noise draws ε per scored token, averaged (1 is the
+            paper's single-draw estimate). The draws are batched as K times the rows
+            of one scoring call, not K calls.
     """
 
     hook_layers: tuple[float, ...] = (0.25, 0.5, 0.75)
@@ -48,6 +51,7 @@ class FlowConfig:
     coef: float = 0.01
     eps: float = 1e-6
     score_precision: str = "auto"
+    noise_draws: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hook_layers", _float_tuple("hook_layers", self.hook_layers))
@@ -65,6 +69,7 @@ class FlowConfig:
         _check_int("shift", self.shift, minimum=0 if self.context_mode == "identity" else 1)
         _check_int("depth", self.depth, minimum=1)
         _check_int("topk", self.topk, minimum=0)
+        _check_int("noise_draws", self.noise_draws, minimum=1)
         for name in ("threshold", "coef"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -41,7 +41,8 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
         config: the flow configuration.
         layer_fracs: layer fraction ℓ = index / L of each latent (`LatentTap.layer_fracs`).
         noise: optional list of [B, T, D] tensors, one per latent; the target token at
-            position k uses ``noise[l][:, k]``, shared by all timesteps.
+            position k uses ``noise[l][:, k]``, shared by all timesteps. With
+            ``config.noise_draws`` K > 1 each tensor is [K, B, T, D] (one slice per draw).
         generator: random source for the noise when `noise` is None.
         backend: "auto", "torch", "triton" or "cuda". It selects the scoring backend and
             the shaping backend; a stage that has no such implementation uses "auto".
@@ -59,13 +60,14 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
     latents, layer_fracs = check_latents(field, latents, layer_fracs, action_mask)
     B, T, D = latents[0].shape
     device = action_mask.device
+    draws = config.noise_draws
     if noise is not None:
         noise = list(noise)
         if len(noise) != len(latents):
             raise ValueError(f"noise has {len(noise)} tensors for {len(latents)} latents")
         for i, nz in enumerate(noise):
             _checks.floating(f"noise[{i}]", nz)
-            _checks.shape(f"noise[{i}]", nz, (B, T, D))
+            _checks.shape(f"noise[{i}]", nz, (B, T, D) if draws == 1 else (draws, B, T, D))
             _checks.same_device(**{"latents[0]": latents[0], f"noise[{i}]": nz})
     score_backend, shape_backend = _stage_backends(backend)
     score_fn, scoring = scoring_call(*dispatch.resolve("flow_scores", score_backend, device), field, precision,
@@ -74,7 +76,8 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
 
     selected = selected_pairs(action_mask, config, T)
     inputs = {f"latents[{i}]": (lat, True) for i, lat in enumerate(latents)}
-    inputs.update({f"noise[{i}]": (nz, False) for i, nz in enumerate(noise or [])})
+    inputs.update({f"noise[{i}]": (nz if draws == 1 else nz.abs().amax(0), False)  # NaN/Inf of any draw
+                   for i, nz in enumerate(noise or [])})
     offset = context_offset(config)
     index = pair_index(selected, config, _non_finite_read(inputs.values(), selected, offset) if check_finite else None)
     if index.flagged:
@@ -85,17 +88,23 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
     scores = torch.zeros(B, T, dtype=torch.float32, device=device)
     # The gathered copies are bounded: tokens are scored in near-equal chunks of at most SCORE_GATHER_BYTES of
     # copies (one chunk, hence one scoring call, unless the batch is large).
-    per_token = sum(2 * lat.element_size() * D for lat in latents) + sum(nz.element_size() * D for nz in noise or [])
+    # K noise draws are K copies of the rows of one call (one larger GEMM), averaged afterwards.
+    per_token = draws * (sum(2 * lat.element_size() * D for lat in latents)
+                         + sum(nz.element_size() * D for nz in noise or []))
     count = -(-index.n // max(1, SCORE_GATHER_BYTES // per_token))
     fracs = small_tensor(layer_fracs, device)
     for i in range(count):  # chunk sizes differ by at most one token
         part = index.slice(i * index.n // count, (i + 1) * index.n // count)
         targets, conds = part.gather(latents)
-        layer = LayerRows(fracs, torch.arange(len(latents), device=device)[:, None].expand(-1, part.n).reshape(-1))
-        per_layer = score_rows(score_fn, scoring, targets, conds, layer, config.timesteps,
-                               None if noise is None else torch.cat([nz[part.rows, part.pos] for nz in noise]),
-                               generator)
-        scores[part.rows, part.pos] = per_layer.view(len(latents), part.n).mean(0)
+        if draws > 1:
+            targets, conds = targets.repeat(draws, 1), conds.repeat(draws, 1)
+        rows = torch.arange(len(latents), device=device)[:, None].expand(-1, part.n).reshape(-1)
+        per_layer = score_rows(score_fn, scoring, targets, conds, LayerRows(fracs, rows.repeat(draws)),
+                               config.timesteps,
+                               None if noise is None else torch.cat(
+                                   [nz.reshape(draws, B, T, D)[k, part.rows, part.pos]
+                                    for k in range(draws) for nz in noise]), generator)
+        scores[part.rows, part.pos] = per_layer.view(draws * len(latents), part.n).mean(0)
     return shape_fn(scores, index.selected, config)
 
 
