@@ -161,10 +161,10 @@ class _Recorder:
 
 def flowkern_kernels() -> set[str]:
     """Names of every Triton kernel defined in flowkern's op modules."""
-    from flowkern.ops import fm_loss_kernels, scores
+    from flowkern.ops import fm_loss_kernels, scores, scores_gemm
 
     names = set()
-    for module in (scores, fm_loss_kernels):
+    for module in (scores, fm_loss_kernels, scores_gemm):
         for value in vars(module).values():
             fn = value.fn if isinstance(value, Autotuner) else value
             if isinstance(fn, JITFunction) and fn.__name__.endswith("_kernel"):
@@ -172,15 +172,16 @@ def flowkern_kernels() -> set[str]:
     return names
 
 
-def drive_launchers(dtype: torch.dtype, width: int = 192, tokens: int = 16) -> None:
-    """Call the Triton launchers once per kernel variant family on small CPU tensors.
+def drive_launchers(dtype: torch.dtype, width: int = 192, tokens: int = 16, arch: int = 90) -> None:
+    """Call the Triton launchers once per kernel variant family on small CPU tensors (the fp8 row kernels from
+    sm_89 on: below, `precision="fp8"` refuses to run).
 
     The kernels never run, so the torch GEMMs between them read uninitialised buffers: denormals are flushed
     (CPU arithmetic on denormals is ~100x slower), and the field's weights are zeros.
     """
     from flowkern.field import VelocityField
     from flowkern.flow import LayerRows
-    from flowkern.ops import fm_loss, fm_loss_kernels, scores
+    from flowkern.ops import fm_loss, fm_loss_kernels, scores, scores_gemm
 
     torch.manual_seed(0)
     torch.set_flush_denormal(True)
@@ -201,6 +202,11 @@ def drive_launchers(dtype: torch.dtype, width: int = 192, tokens: int = 16) -> N
     gpu_tiling = fm_loss_kernels.row_tiling
     fm_loss_kernels.row_tiling = lambda rows, w, device: fm_loss_kernels.gpu_row_tiling(rows, w, SM_COUNT)
     try:
+        # the GEMM route's row kernels (its GEMMs run as torch ops on the CPU tensors): 16-bit, then fp8
+        scores_gemm.gemm_route_scores(field, target, cond, layers, (0.6, 0.8), None, None, triton_rows=True)
+        if arch >= 89:
+            scores_gemm.gemm_route_scores(field.float(), target, cond, 0.5, (0.8,), torch.randn(tokens, width), None,
+                                          fp8=True, raw="fp8", triton_rows=True)
         weights = torch.ones(tokens)
         t = torch.rand(2, tokens)
         loss = fm_loss.flow_matching_loss_triton(field, target, cond, layers, weights, t, None, None)
@@ -233,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for width in args.widths:
             recorder.width = width
             done = len(recorder.rows)
-            drive_launchers(DTYPES[args.dtype], width)
+            drive_launchers(DTYPES[args.dtype], width, arch=args.arch)
             new = [{"arch": f"sm_{args.arch}", "dtype": args.dtype, **row} for row in recorder.rows[done:]]
             append_csv(csv_path, new, torch.device("cpu"))  # per width: a cut-short run keeps what it compiled
             rows += new

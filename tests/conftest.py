@@ -1,4 +1,4 @@
-"""Test setup: Triton's CPU interpreter when there is no GPU, and the `cuda` marker's auto-skip."""
+"""Test setup: Triton's CPU interpreter when there is no GPU, the `cuda` marker's auto-skip, a skip summary."""
 
 import os
 
@@ -20,3 +20,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line counting the skips per reason, so they are explained without ``-rs``."""
+    reasons: dict[str, int] = {}
+    for rep in terminalreporter.stats.get("skipped", []):
+        text = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        text = text.removeprefix("Skipped: ")
+        reasons[text] = reasons.get(text, 0) + 1
+    if reasons:
+        terminalreporter.write_line("skip reasons: " + "; ".join(
+            f"{n} x {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])))

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import random
+import re
 from pathlib import Path
 
 import pytest
@@ -18,12 +22,14 @@ from train import ConfigError, TrainConfig, tiny_config
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.cli import main as cli_main
 from train.cli import parse_config
-from train.compare import mean_std, run_compare
+from train.compare import mean_ci, mean_std, paired_differences, run_compare, t_quantile, verdict
 from train.distributed import DistInfo
 from train.pipeline import run_pipeline
 from train.policy import encode_traces, load_policy, response_mask
 from train.rl import entropy_advantage, ppo_clip_loss
-from train.task import TaskSpec, extract_boxed, make_splits, verify
+from train.sweep import run_sweep
+from train.evaluate import first_error_positions
+from train.task import TaskSpec, extract_boxed, first_error, make_problem, make_splits, verify
 from train.tokenizer import build_tokenizer
 
 torch.set_num_threads(1)
@@ -71,6 +77,50 @@ def test_task_splits_are_seeded_and_disjoint():
         assert verify(p.solution, p.answer)
         assert eval(p.prompt.rstrip("=")) == p.answer  # left-to-right chains of + and - only
         assert 0 <= p.answer <= 99
+
+
+def test_default_regime_is_one_trace_style_and_the_old_one_is_reachable():
+    cfg = TrainConfig()
+    _, held = make_splits(0, 10, 200, cfg.task_spec())
+    assert all(p.solution == p.trace and p.solution.count("then") == p.prompt.count("+") + p.prompt.count("-") - 1
+               for p in held)
+    old = parse_config(["--max-operand", "9", "--max-value", "30", "--direct-share", "0.5"]).task_spec()
+    _, held = make_splits(0, 10, 200, old)
+    direct = [p for p in held if p.solution.startswith("the answer is")]
+    assert 50 < len(direct) < 150 and all(verify(p.solution, p.answer) and p.trace != p.solution for p in direct)
+
+
+def test_first_error_is_the_first_departure_from_the_trace():
+    p = make_problem(random.Random(5), TaskSpec(n_ops=(3, 3)))
+    steps = re.findall(r"(\d+)([+-])(\d+)=(\d+)", p.trace)
+    assert len(steps) == 3
+    assert first_error(p, p.trace) is None  # right: no error
+    # a wrong second intermediate value: the error is at its first differing digit
+    a, op, b, c = steps[1]
+    wrong = str(int(c) + 10)
+    at = p.trace.index(f"{a}{op}{b}={c}") + len(f"{a}{op}{b}=")
+    bad = p.trace[:at] + wrong + ", then ..."
+    diverge = next(i for i, (x, y) in enumerate(zip(wrong, c + " ")) if x != y)
+    assert first_error(p, bad) == at + diverge
+    assert first_error(p, p.trace[:5]) == 5  # cut short: errs where it stops
+    assert first_error(p, "the answer is \\boxed{0}" if p.answer else "the answer is \\boxed{1}") == 0
+
+
+def test_first_error_positions_map_characters_to_tokens():
+    train, _ = make_splits(0, 50, 2, TaskSpec(n_ops=(2, 2)))
+    tok = build_tokenizer(p.text for p in train)
+    p = train[0]
+    at = p.trace.index("=") + 1  # the first intermediate value
+    wrong = p.trace[:at] + ("9" if p.trace[at] != "9" else "8") + p.trace[at + 1:]
+    wrong = wrong.replace(f"\\boxed{{{p.answer}}}", f"\\boxed{{{p.answer + 1}}}")  # and a wrong answer
+    batch = encode_traces(tok, [p.prompt, p.prompt, p.prompt], [wrong, p.trace, p.trace[:at]])
+    pos = first_error_positions(tok, batch, [p, p, p])
+    ids = batch["input_ids"]
+    assert tok.decode([int(ids[0, pos[0]])]) == wrong[at]  # the wrong digit's token
+    resp = torch.nonzero(batch["action_mask"][0]).flatten()
+    assert int(pos[0]) == int(resp[len(tok(p.trace[:at], add_special_tokens=False)["input_ids"])])
+    assert int(pos[1]) == -1  # right
+    assert int(ids[2, pos[2]]) == tok.eos_token_id  # stopped early: errs at its end of sequence
 
 
 def test_verify_and_extract():
@@ -162,8 +212,15 @@ def test_bad_configs_give_clear_errors(tmp_path, capsys):
         TrainConfig(batch_size=16, group_size=8).validate(world_size=3)
     with pytest.raises(ConfigError, match="--verifier"):
         TrainConfig(verifier="sympy").validate()
-    with pytest.raises(ConfigError, match="FlowConfig.norm"):
+    with pytest.raises(ConfigError, match="--flow-norm must be one of"):
         TrainConfig(flow_norm="zscore").validate()
+    with pytest.raises(ConfigError, match="--flow-noise-draws must be a positive integer"):
+        TrainConfig(flow_noise_draws=0).validate()
+    with pytest.raises(ConfigError, match="--direct-share must lie in"):
+        TrainConfig(direct_share=2.0).validate()
+    if not torch.cuda.is_available():
+        assert cli_main(["--device", "cuda", "--out", str(tmp_path / "z")]) == 2
+        assert "error: --device cuda: CUDA is not available" in capsys.readouterr().err
     assert cli_main(["--shaping", "bogus", "--out", str(tmp_path / "x")]) == 2
     assert "error: --shaping must be one of" in capsys.readouterr().err
     assert cli_main(["compare", "--arms", "flow", "bogus", "--out", str(tmp_path / "y")]) == 2
@@ -191,13 +248,48 @@ def test_smoke_every_stage(tiny_run):
     assert r.abs().max() <= cfg.flow_coef + 1e-7  # |s| <= 1 with minmax-bil, times beta
     # outputs
     for name in ("curves.png", "flow_heatmap.html", "token_classes.md", "flow_pretrained.safetensors",
-                 "metrics.jsonl", "summary.json", "config.json"):
+                 "metrics.jsonl", "summary.json", "config.json", "diagnostics.md", "diagnostics.png"):
         assert (out / name).stat().st_size > 0, name
-    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("curves.png", "diagnostics.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
     html = (out / "flow_heatmap.html").read_text()
-    assert html.count("class='r'") == cfg.report_rollouts and "title='reward" in html
+    assert html.count("class='r'") == 2 * cfg.report_rollouts and "title='reward" in html  # sampled + greedy
+    assert "temperature 1" in html and "Greedy held-out" in html and "class='p'" in html
     classes = {row["class"]: row for row in summary["token_classes"]}
-    assert classes["digits/operators"]["tokens"] > 0 and classes["words/connectives"]["tokens"] >= 0
+    assert set(classes) == {"digits", "operators", "=", "connectives", "format/other"}
+    assert classes["digits"]["tokens"] > 0
+    diag = summary["diagnostics"]
+    assert diag["n_rollouts"] == cfg.diag_rollouts and -1 <= diag["noise"]["spearman_tokens"] <= 1
+    assert "layer average" in (out / "diagnostics.md").read_text()
+    # checkpoints and flows honour the umask like every other output
+    mode = 0o666 & ~_umask()
+    for path in (out / "flow_pretrained.safetensors", latest_checkpoint(out) / "flow.safetensors", out / "ckpt" / "latest"):
+        assert path.stat().st_mode & 0o777 == mode, path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_diagnose_command_and_sweep(tiny_run, tmp_path, capsys):
+    cfg, out, _, _ = tiny_run
+    assert cli_main(["diagnose", "--from", str(out), "--rollouts", "8", "--noise-draws", "1", "4",
+                     "--out", str(tmp_path / "d")]) == 0
+    text = (tmp_path / "d" / "diagnostics.md").read_text()
+    assert "### Noise draws K" in text and "\n| 4 |" in text and text in capsys.readouterr().out
+    report = json.loads((tmp_path / "d" / "diagnostics.json").read_text())
+    assert set(report["by_noise_draws"]) == {"1", "4"}
+    assert cli_main(["diagnose", "--from", str(tmp_path / "nothing")]) == 2
+    assert "--from" in capsys.readouterr().err
+    base = tmp_path / "base"
+    run_pipeline(tiny_config(out=str(base), stop_after="flow", ckpt_every=1000))
+    table = run_sweep(base, tmp_path / "sweep", ["run's pretrained flow", "norm mean", "depth 1"], rollouts=6)
+    assert table.count("\n| ") == 4 and "| depth 1 | new |" in table  # header + 3 variants
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [r["n_rollouts"] for r in rows] == [6, 6, 6]
+    assert rows[0]["seq_auroc"] == rows[1]["seq_auroc"] or math.isnan(rows[0]["seq_auroc"])  # same raw scores
 
 
 def test_checkpoint_round_trip(tiny_run, tmp_path):
@@ -292,12 +384,49 @@ def test_compare_mode_table(tmp_path, capsys):
     result = run_compare(cfg, seeds=[0, 1], arms=["none", "flow"])
     table = result["table"]
     assert "| SFT start (no RL) |" in table and "| RL, shaping=none |" in table and "| RL, shaping=flow |" in table
-    assert table.count("±") == 2 + 3 * 2  # header + 3 rows x 2 columns
+    assert table.count("±") == 2 + 3 * 2 + 2 * 2  # header + 3 rows x 2 columns, 2 paired tables (header + row)
+    assert "| flow − none |" in table and "flow − none = " in table  # paired difference and its verdict
     assert set(result["results"]["flow"]) == {0, 1}
-    assert (tmp_path / "cmp" / "compare.md").read_text().strip() == table
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert table in md and "wall time" in md and "python -m train" in md
     assert table in capsys.readouterr().out
     # the arms of a seed start from the same base checkpoint
     base = json.loads((tmp_path / "cmp" / "seed0" / "base" / "summary.json").read_text())
     arm = json.loads((tmp_path / "cmp" / "seed0" / "flow" / "summary.json").read_text())
     assert arm["sft_eval"] == base["sft_eval"]
     assert mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+
+
+def test_score_precision_flag_scores_rl_rewards_in_fp8(tmp_path, monkeypatch):
+    """--score-precision fp8 reaches flow_reward in RL (through FlowConfig) and is saved with the flow."""
+    from flowkern.ops import scores_gemm
+
+    assert parse_config(["--score-precision", "fp8"]).score_precision == "fp8"
+    with pytest.raises(ConfigError, match="score_precision"):
+        parse_config(["--score-precision", "int4"])
+    calls = []
+    real = scores_gemm.fp8_scores
+    monkeypatch.setattr(scores_gemm, "fp8_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = tiny_config(out=str(tmp_path / "fp8"), score_precision="fp8", rl_steps=2, sft_steps=2, flow_steps=2)
+    run_pipeline(cfg)
+    rl = [r for r in _metrics(tmp_path / "fp8") if r["stage"] == "rl" and r["kind"] == "train"]
+    assert len(calls) >= 2 and len(rl) == 2 and any(r["flow_reward"] != 0.0 for r in rl)
+    saved = json.loads(next((tmp_path / "fp8").rglob("flow*.json")).read_text())
+    assert saved["config"]["score_precision"] == "fp8"
+
+
+def test_confidence_intervals_and_verdicts():
+    assert t_quantile(0.975, 4) == pytest.approx(2.7764, abs=1e-3)
+    assert t_quantile(0.975, 1) == pytest.approx(12.706, abs=1e-2)
+    assert t_quantile(0.975, 1000) == pytest.approx(1.962, abs=1e-3)
+    mean, half = mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == 3.0 and half == pytest.approx(2.7764 * math.sqrt(2.5) / math.sqrt(5), rel=1e-3)
+    res = {"none": {s: {"pass@1": 0.3} for s in range(5)},
+           "flow": {s: {"pass@1": 0.3 + 0.1 + 0.01 * s} for s in range(5)}}
+    diff = paired_differences(res, range(5), "pass@1")["flow"]
+    assert diff["mean"] == pytest.approx(0.12) and diff["diffs"] == pytest.approx([0.1, 0.11, 0.12, 0.13, 0.14])
+    assert verdict("flow", diff).startswith("flow beats none")
+    res["flow"] = {s: {"pass@1": 0.3 - 0.1 - 0.01 * s} for s in range(5)}
+    assert verdict("flow", paired_differences(res, range(5), "pass@1")["flow"]).startswith("flow is worse")
+    res["flow"] = {s: {"pass@1": 0.3 + (0.05 if s % 2 else -0.05)} for s in range(5)}
+    assert verdict("flow", paired_differences(res, range(5), "pass@1")["flow"]).startswith("No detectable")

@@ -27,6 +27,7 @@ from typing import Any, Optional
 import torch
 
 from flowkern import FlowConfig, VelocityField, load_flow_field, save_flow_field
+from flowkern.checkpoint import umask_mode
 
 from . import distributed as D
 
@@ -52,6 +53,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _write_atomic_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, umask_mode())
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
         fh.flush()

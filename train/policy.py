@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,12 @@ def build_policy(tokenizer, spec: PolicySpec, seed: int = 0) -> LlamaForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    _set_generation_ids(model, tokenizer)
+    set_generation_ids(model, tokenizer)
     return model
 
 
-def _set_generation_ids(model: PreTrainedModel, tokenizer) -> None:
+def set_generation_ids(model: PreTrainedModel, tokenizer) -> None:
+    """Generation config of `model`: the tokenizer's pad and eos ids, no forced bos."""
     gen = model.generation_config
     gen.pad_token_id = tokenizer.pad_token_id
     gen.eos_token_id = tokenizer.eos_token_id
@@ -57,7 +58,7 @@ def _set_generation_ids(model: PreTrainedModel, tokenizer) -> None:
 
 
 def load_policy(path: str | os.PathLike, device: torch.device | str = "cpu"):
-    """Load a local HF causal LM directory and its tokenizer (no network).
+    """Load a local HF causal LM directory and its tokenizer (no network); see `train.models.load_model`.
 
     A tokenizer without a pad token gets its eos token as pad. Prompts are
     left-padded.
@@ -67,14 +68,9 @@ def load_policy(path: str | os.PathLike, device: torch.device | str = "cpu"):
         raise FileNotFoundError(f"--model: {path} is not a directory holding an HF causal LM")
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"--model: {path} has no config.json; expected an HF causal LM directory")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
-                                                 dtype=torch.float32).to(device)
-    _set_generation_ids(model, tokenizer)
-    return model, tokenizer
+    from .models import load_model
+
+    return load_model(path, device)
 
 
 def save_policy(model: PreTrainedModel, tokenizer, path: str | os.PathLike) -> None:

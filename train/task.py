@@ -6,10 +6,13 @@ operation per step and boxes the result::
 
     17+25=42, then 42-9=33, so the answer is \\boxed{33}
 
-Like real SFT data, the expert traces mix two styles: a share
-(``TaskSpec.direct_share``) states the answer at once (``the answer is
-\\boxed{33}``). Both are correct, but a tiny model that imitates the direct
-style guesses far more often, which leaves RL a behaviour to select.
+By default every expert trace has this one style, so the trace is a function
+of the prompt: `first_error` finds the character where a wrong response first
+leaves it (the first wrong intermediate value, or a mis-copied operand), which
+is what the error-localisation diagnostic needs. ``TaskSpec.direct_share``
+mixes in a second style that states the answer at once (``the answer is
+\\boxed{33}``); a tiny model that imitates it guesses far more often, which
+leaves RL a style to select (the trainer's old default regime).
 
 Problems are drawn from a seeded generator; the train and held-out splits
 come from different seeds and are disjoint (held-out problems never occur in
@@ -39,6 +42,7 @@ class Problem:
     prompt: str
     solution: str
     answer: int
+    trace: str = ""  # the step-by-step expert trace (equal to `solution` unless the direct style was drawn)
 
     @property
     def text(self) -> str:
@@ -108,10 +112,30 @@ def make_problem(rng: random.Random, spec: TaskSpec) -> Problem:
         steps.append(f"{value}{op}{b}={new}")
         expr += f"{op}{b}"
         value = new
-    if rng.random() < spec.direct_share:
-        return Problem(prompt=f"{expr}=", solution=f"the answer is \\boxed{{{value}}}", answer=value)
     chain = steps[0] + "".join(f", then {s}" for s in steps[1:])
-    return Problem(prompt=f"{expr}=", solution=f"{chain}, so the answer is \\boxed{{{value}}}", answer=value)
+    trace = f"{chain}, so the answer is \\boxed{{{value}}}"
+    if spec.direct_share and rng.random() < spec.direct_share:
+        return Problem(prompt=f"{expr}=", solution=f"the answer is \\boxed{{{value}}}", answer=value, trace=trace)
+    return Problem(prompt=f"{expr}=", solution=trace, answer=value, trace=trace)
+
+
+def first_error(problem: Problem, response: str) -> Optional[int]:
+    """Character index in `response` where a wrong response first departs from the expert trace.
+
+    The step-by-step trace is a function of the prompt, so the first character
+    that differs from ``problem.trace`` is where the chain first goes wrong: a
+    digit of a wrong intermediate value, a mis-copied operand, or a format
+    slip. A response that is a strict prefix of the trace (cut off) errs at its
+    end (``len(response)``). Returns None when the response boxes the right
+    answer (`verify` with the exact checker).
+    """
+    if verify(response, problem.answer, "exact"):
+        return None
+    trace = problem.trace or problem.solution
+    for i, (a, b) in enumerate(zip(response, trace)):
+        if a != b:
+            return i
+    return min(len(response), len(trace))
 
 
 def make_splits(seed: int, n_train: int, n_heldout: int, spec: Optional[TaskSpec] = None

@@ -187,7 +187,7 @@ class _FlowMatchingLoss(torch.autograd.Function):
         rstd = torch.empty(rows, dtype=torch.float32, device=device)
         shift, scale = _slots(adas[0], W)[:2]
         _launch(kern.modulate_kernel, tiling, a, a, 0, a, shift, scale, adas[0].stride(0), p.block(0)[0],
-                a, h, rstd, rows, W, cfg.eps, RESIDUAL=False)
+                a, h, rstd, rstd, rows, W, cfg.eps, RESIDUAL=False, QUANT=False)
         for k in range(cfg.depth):
             acts.append(a)
             rstds.append(rstd)
@@ -202,7 +202,7 @@ class _FlowMatchingLoss(torch.autograd.Function):
             a_next, h, rstd = torch.empty_like(a), torch.empty_like(h), torch.empty_like(rstd)
             _launch(kern.modulate_kernel, tiling, a, gate, adas[k].stride(0), z2, shift, scale,
                     adas[k + 1].stride(0), ln_next,
-                    a_next, h, rstd, rows, W, cfg.eps, RESIDUAL=True)
+                    a_next, h, rstd, rstd, rows, W, cfg.eps, RESIDUAL=True, QUANT=False)
             a = a_next
         acts.append(a)
         rstds.append(rstd)
@@ -339,7 +339,7 @@ class _FlowMatchingLoss(torch.autograd.Function):
             grads[0] = dx1
         del da
 
-        # ---- conditioning: y = cond_embed(c)[n] + temb(t)[r, n] + lemb(ℓ)
+        # ---- conditioning: y = lemb(ℓ) + cond_embed(c)[n] + temb(t)[r, n]
         if need_sy:
             dy = torch.empty_like(d_sy)
             _launch(kern.cond_bwd_kernel, tiling, d_sy, y, dy, rows, W)

@@ -260,7 +260,7 @@ def _interpolate_kernel(x1_ptr, stride_x1, noise_ptr, stride_nj, stride_nr, out_
 def _cond_kernel(c_ptr, stride_c, w_ptr, b_ptr, lemb_ptr, idx_ptr, temb_ptr, s_ptr, n_tok, N, K, J,
                  LAYER: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """s[j·n_tok + r] = SiLU(cond_embed(c[r]) + temb[j] + lemb[row r's entry]) for every timestep j.
+    """s[j·n_tok + r] = SiLU((lemb[row r's entry] + cond_embed(c[r])) + temb[j]) for every timestep j.
 
     LAYER: 0 one shared lemb row, 1 row ``idx[r]`` of a table, 2 row r (one embedding per row).
     """
@@ -268,7 +268,8 @@ def _cond_kernel(c_ptr, stride_c, w_ptr, b_ptr, lemb_ptr, idx_ptr, temb_ptr, s_p
     _, rm, rn, row_ok, col_ok, acc, _, _ = _gemm_tile(c_ptr, stride_c, w_ptr, n_tok, N, K, 1, PREC, UPCAST,
                                                       BM, BN, BK, GROUP_M)
     mask = row_ok[:, None] & col_ok[None, :]
-    # ce and le stay in the field dtype across the timestep loop (they are rounded to it anyway): half the registers
+    # lemb + cond_embed(c) is summed once, in the reference's (and the released module's) order, and kept in the
+    # field dtype across the timestep loop (it is rounded to it anyway): half the registers
     ce = _plus_bias(acc, b_ptr, rn, col_ok).to(DT)
     if LAYER == 1:
         li = tl.load(idx_ptr + rm, mask=row_ok, other=0).to(tl.int64)
@@ -277,9 +278,10 @@ def _cond_kernel(c_ptr, stride_c, w_ptr, b_ptr, lemb_ptr, idx_ptr, temb_ptr, s_p
     else:
         li = tl.zeros((BM,), dtype=tl.int64)
     le = tl.load(lemb_ptr + li[:, None] * N + rn[None, :], mask=mask, other=0.0)
+    lc = (le.to(tl.float32) + ce.to(tl.float32)).to(DT)
     for j in range(J):
         te = tl.load(temb_ptr + j * N + rn, mask=col_ok, other=0.0).to(tl.float32)
-        y = _rnd(_rnd(ce.to(tl.float32) + te[None, :], DT) + le.to(tl.float32), DT)
+        y = _rnd(lc.to(tl.float32) + te[None, :], DT)
         out = s_ptr + (tl.full((), j, tl.int64) * n_tok + rm.to(tl.int64))[:, None] * N + rn[None, :]
         tl.store(out, _silu(y).to(DT), mask=mask)
 
