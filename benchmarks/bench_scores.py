@@ -4,8 +4,9 @@ Usage:
     python benchmarks/bench_scores.py --device cuda     # the 1.5B and 7B shapes of DESIGN.md §4, bf16
     python benchmarks/bench_scores.py --device cpu      # a toy shape, fp32, Triton in its CPU interpreter
 
-Prints one table per shape and appends its rows to benchmarks/results/scores.csv (or --csv).
-Each row: median ms, achieved TFLOP/s and its share of the measured bf16 matmul peak, peak extra
+Prints one table per shape and appends each row to benchmarks/results/scores.csv (or --csv) as soon as it is
+measured, GEMM chain, triton and eager first, torch.compile last (its build is the slowest part; --no-compile
+skips it, --compile-only runs only it). Shapes run in the order given by --shapes. Each row: median ms, achieved TFLOP/s and its share of the measured bf16 matmul peak, peak extra
 memory, and the time relative to the GEMM chain. FLOPs are counted from the velocity field's modules.
 """
 
@@ -15,7 +16,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +31,7 @@ class Shape(NamedTuple):
 
 SHAPES = {
     "cuda": [Shape("1.5B", 1536, 4, 3, 65536), Shape("7B", 3584, 6, 3, 32768)],
-    "cpu": [Shape("toy", 64, 2, 3, 64)],
+    "cpu": [Shape("toy", 32, 1, 3, 32)],
 }
 TIMESTEPS = (0.8,)
 LAYER_FRACS = (0.25, 0.5, 0.75)
@@ -59,18 +60,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_scores: --device cuda needs a CUDA GPU", file=sys.stderr)
         return 2
-    shapes = [s for s in SHAPES[args.device] if not args.shapes or s.name in args.shapes]
+    by_name = {s.name: s for s in SHAPES[args.device]}
+    shapes = [by_name[name] for name in args.shapes if name in by_name] if args.shapes else list(by_name.values())
     if not shapes:
         print(f"bench_scores: no shape named {args.shapes} for --device {args.device}", file=sys.stderr)
         return 2
     csv_path = args.csv or RESULTS_DIR / "scores.csv"
     peak = matmul_peak_tflops(device)
     print(f"measured matmul peak: {peak:.4g} TFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32, CPU'})")
+    rows_of = "compile" if args.compile_only else ("main" if args.no_compile else "all")
     for shape in shapes:
-        rows = bench_shape(shape, device, peak, compile_=not args.no_compile)
-        print_table(rows, title=f"flow_scores, {shape.name} shape: D={shape.dim}, K={shape.depth}, "
-                                f"{shape.layers} layers x {shape.tokens} tokens, timesteps {TIMESTEPS}")
-        append_csv(csv_path, rows, device)
+        print(f"\nflow_scores, {shape.name} shape: D={shape.dim}, K={shape.depth}, {shape.layers} layers x "
+              f"{shape.tokens} tokens, timesteps {TIMESTEPS}")
+        rows = []
+        for row in bench_shape(shape, device, peak, rows_of):
+            append_csv(csv_path, [row], device)  # row by row: a timeout keeps what was measured
+            print(f"  {row['impl']}: {row['ms']:.4g} ms", flush=True)
+            rows.append(row)
+        print_table(rows)
     print(f"\nappended to {csv_path}")
     return 0
 
@@ -132,13 +139,18 @@ def gemm_chain(field, x1, cond, n_timesteps: int) -> Callable[[], None]:
     return run
 
 
-def bench_shape(shape: Shape, device, peak_tflops: float, compile_: bool = True) -> list[dict]:
+def bench_shape(shape: Shape, device, peak_tflops: float, rows_of: str = "all") -> Iterator[dict]:
+    """Yield one row per implementation as it is measured: GEMM chain, triton, torch eager (rows_of "main"),
+    then torch.compile (rows_of "compile"); "all" yields both. The GEMM chain is always measured: every row's
+    "x chain" is relative to it."""
     import torch
 
     from benchmarks.common import peak_extra_memory_bytes, time_ms
     from flowkern import VelocityField, flow_scores
-    from flowkern.flow import _flow_scores_torch
-    from flowkern.ops.scores import _draw_seed, seeded_noise
+    from flowkern.backend import resolve
+    from flowkern.flow import LayerRows, _flow_scores_torch, score_rows
+    from flowkern.ops._triton import draw_seed
+    from flowkern.ops.scores import seeded_noise
 
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32  # the interpreter's bf16 is wrong
@@ -154,21 +166,31 @@ def bench_shape(shape: Shape, device, peak_tflops: float, compile_: bool = True)
     cond = torch.randn(n, shape.dim, device=device, dtype=dtype)
     layer = torch.tensor(LAYER_FRACS[:shape.layers], device=device).repeat_interleave(shape.tokens)
     flops = scoring_flops(field, n, len(TIMESTEPS), shape.layers)
+    # The triton row times the scoring call flow_reward makes: the layers as a table (each embedded once).
+    table = LayerRows(layer[::shape.tokens].contiguous(),
+                      torch.arange(shape.layers, device=device).repeat_interleave(shape.tokens))
+    triton_fn = resolve("flow_scores", "triton", device)[1]
+
+    def fused(generator=None) -> torch.Tensor:
+        return score_rows(triton_fn, field, x1, cond, table, TIMESTEPS, None, generator)
 
     # Parity first (a wrong kernel is not worth timing), in the timed seeded mode: the torch reference gets
     # exactly the ε that the Triton kernels draw in-kernel for this generator seed.
     ref = flow_scores(field, x1, cond, layer, timesteps=TIMESTEPS, backend="torch",
-                      noise=seeded_noise(_draw_seed(torch.Generator(device=device).manual_seed(1)), n, shape.dim, device))
-    got = flow_scores(field, x1, cond, layer, timesteps=TIMESTEPS, backend="triton",
-                      generator=torch.Generator(device=device).manual_seed(1))
+                      noise=seeded_noise(draw_seed(torch.Generator(device=device).manual_seed(1), device), n,
+                                         shape.dim, device))
+    got = fused(torch.Generator(device=device).manual_seed(1))
     rel_err = float((got - ref).norm() / ref.norm())
     del ref, got
 
     def scored(backend: str) -> Callable[[], object]:
         return lambda: flow_scores(field, x1, cond, layer, timesteps=TIMESTEPS, backend=backend)
 
-    candidates: list[tuple[str, Callable[[], object]]] = [("torch eager", scored("torch"))]
-    if compile_:
+    chain = ("GEMM chain (cuBLAS)" if on_gpu else "GEMM chain (torch.mm)", gemm_chain(field, x1, cond, len(TIMESTEPS)))
+    candidates: list[tuple[str, Callable[[], object]]] = [chain]
+    if rows_of in ("main", "all"):
+        candidates += [("triton", fused), ("torch eager", scored("torch"))]
+    if rows_of in ("compile", "all"):
         # On CPU, inductor's C++ build alone takes most of a minute: trace with dynamo, run eagerly.
         compiled = torch.compile(_flow_scores_torch, backend="inductor" if on_gpu else "aot_eager")
 
@@ -176,23 +198,20 @@ def bench_shape(shape: Shape, device, peak_tflops: float, compile_: bool = True)
             with torch.no_grad():
                 return compiled(field, x1, cond, layer, TIMESTEPS, None, None)
         candidates.append(("torch.compile" if on_gpu else "torch.compile (aot_eager)", run_compiled))
-    candidates.append(("GEMM chain (cuBLAS)" if on_gpu else "GEMM chain (torch.mm)", gemm_chain(field, x1, cond, len(TIMESTEPS))))
-    candidates.append(("triton", scored("triton")))
 
-    results = []
+    chain_ms = None
     for name, fn in candidates:
         with torch.no_grad():
             ms = time_ms(fn, device, warmup=warmup, iters=iters)
             extra = peak_extra_memory_bytes(fn, device)
+        chain_ms = chain_ms or ms  # the chain is measured first
+        if name == chain[0] and rows_of == "compile":
+            continue  # measured for the ratio only: the main pass appended it
         tflops = flops / (ms * 1e-3) / 1e12
-        results.append({"shape": shape.name, "dtype": str(dtype).removeprefix("torch."), "impl": name,
-                        "ms": ms, "TFLOP/s": tflops, "% peak": 100.0 * tflops / peak_tflops,
-                        "extra GiB": extra / 2**30, "x chain": 0.0,
-                        "rel err": rel_err if name == "triton" else float("nan"), "GFLOP": flops / 1e9})
-    chain_ms = next(r["ms"] for r in results if r["impl"].startswith("GEMM chain"))
-    for r in results:
-        r["x chain"] = r["ms"] / chain_ms
-    return results
+        yield {"shape": shape.name, "dtype": str(dtype).removeprefix("torch."), "impl": name,
+               "ms": ms, "TFLOP/s": tflops, "% peak": 100.0 * tflops / peak_tflops,
+               "extra GiB": extra / 2**30, "x chain": ms / chain_ms,
+               "rel err": rel_err if name == "triton" else float("nan"), "GFLOP": flops / 1e9}
 
 
 if __name__ == "__main__":

@@ -130,4 +130,7 @@ def bench_parser(doc: str, device_help: str, csv_name: str, *, field_shapes: boo
     if field_shapes:
         parser.add_argument("--shapes", nargs="*", default=None, help="subset of shape names to run (default: all)")
         parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+        parser.add_argument("--compile-only", action="store_true",
+                            help="append only the torch.compile row (the rows it is compared with are re-measured, "
+                                 "not appended): benchmarks/gpu_check.sh runs every other row first")
     return parser

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
+
+# NaN/Inf checks cost a device-to-host synchronisation each. The public functions therefore check once, on the
+# smallest tensor that a bad input must reach (the per-token result, or a per-position flag), and only when
+# that check fails do they look at the inputs one by one (extra syncs on the error path only) to name the
+# argument that held the bad value.
 
 
 def floating(name: str, x: torch.Tensor) -> None:
@@ -16,9 +21,40 @@ def floating(name: str, x: torch.Tensor) -> None:
 
 
 def finite(name: str, x: torch.Tensor) -> None:
-    """`x` must hold no NaN or Inf."""
+    """`x` must hold no NaN or Inf (one host sync)."""
     if x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def all_finite(**tensors: Optional[torch.Tensor]) -> None:
+    """Every given tensor must hold no NaN or Inf: one host sync for all of them; the error names the first bad one."""
+    given = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.numel()}
+    if given and not bool(torch.stack([torch.isfinite(t).all() for t in given.values()]).all()):
+        name_non_finite(**given)
+
+
+def name_non_finite(**tensors: Optional[torch.Tensor]) -> None:
+    """Raise the error naming the first of `tensors` that holds a NaN or Inf (error path: one sync per tensor)."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor):
+            finite(name, t)
+
+
+def finite_result(what: str, result: torch.Tensor, **inputs: Optional[torch.Tensor]) -> None:
+    """`result` must be finite: one host sync. When it is not, the error names the first of `inputs` that holds a
+    NaN or Inf (a bad input reaches the result), or says that every input was finite."""
+    if result.numel() and not bool(torch.isfinite(result).all()):
+        name_non_finite(**inputs)
+        raise ValueError(f"{what} contains NaN or Inf although every input is finite: the velocity field's "
+                         "weights hold NaN/Inf, or its activations overflowed in the dtype it was evaluated in")
+
+
+def non_finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Bool [...] map of the rows (last dim reduced) of `x` [..., D] that hold a NaN or Inf.
+
+    One read of `x` and an output the size of one row-set: no [..., D] temporary, no host sync.
+    """
+    return ~torch.isfinite(torch.linalg.vector_norm(x, ord=float("inf"), dim=-1))
 
 
 def shape(name: str, x: torch.Tensor, expected: Sequence[int]) -> None:
@@ -35,10 +71,9 @@ def mask(name: str, m: torch.Tensor, expected: Sequence[int], allow_float: bool 
         kinds = "bool or floating" if allow_float else "bool"
         raise TypeError(f"{name} must be a {kinds} tensor, got dtype {m.dtype}")
     shape(name, m, expected)
-    if m.is_floating_point():
+    if m.is_floating_point() and m.numel() and not bool((m >= 0).logical_and_(torch.isfinite(m)).all()):  # one sync
         finite(name, m)
-        if m.numel() and bool((m < 0).any()):
-            raise ValueError(f"{name} weights must be non-negative")
+        raise ValueError(f"{name} weights must be non-negative")
 
 
 def same_device(**tensors: torch.Tensor | None) -> torch.device:

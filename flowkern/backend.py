@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -115,7 +115,14 @@ def resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]
     return backend, _REGISTRY[op][backend].fn
 
 
-def available_backends(op: str, device: torch.device) -> list[str]:
-    """The backends that can run `op` on `device` right now."""
+def available_backends(op: str, device: Union[str, torch.device]) -> list[str]:
+    """The backends that can run `op` on `device` (a torch.device or a string such as "cuda:1") right now.
+
+    Raises:
+        ValueError: `op` is not one of flowkern's ops (the message lists them).
+    """
     _ensure_loaded()
-    return [name for name in _REGISTRY.get(op, {}) if unavailable_reason(op, name, device) is None]
+    if op not in _REGISTRY:
+        raise ValueError(f"unknown op {op!r}; flowkern's ops are {sorted(_REGISTRY)}")
+    device = torch.device(device)
+    return [name for name in _REGISTRY[op] if unavailable_reason(op, name, device) is None]

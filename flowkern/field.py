@@ -103,7 +103,7 @@ class FinalLayer(nn.Module):
 class VelocityField(nn.Module):
     """The velocity network of DESIGN.md §1, width W = dim, K = depth blocks.
 
-    ``y = cond_embed(c) + time_embed(t) + layer_embed(ℓ)``; ``a = input_proj(x_t)``;
+    ``y = layer_embed(ℓ) + cond_embed(c) + time_embed(t)``; ``a = input_proj(x_t)``;
     K adaLN residual MLP blocks; an adaLN final layer projecting back to dim.
     Initialised so that v ≡ 0 (adaLN outputs and the output linear are zero).
 
@@ -146,9 +146,13 @@ class VelocityField(nn.Module):
             nn.init.zeros_(linear.bias)
 
     def conditioning(self, cond: torch.Tensor, t: Scalar, layer: Scalar) -> torch.Tensor:
-        """The adaLN conditioning ``y`` [N, W] for contexts `cond` [N, D]."""
+        """The adaLN conditioning ``y`` [N, W] for contexts `cond` [N, D].
+
+        Summed as the released RLFR module sums it, ``(lemb + cond) + temb``: in bf16 another order rounds
+        differently, and this one gives bit-identical velocities to the released module on CPU.
+        """
         n = cond.shape[0]
-        return self.cond_embed(cond) + self.time_embed(t, n) + self.layer_embed(layer, n)
+        return self.layer_embed(layer, n) + self.cond_embed(cond) + self.time_embed(t, n)
 
     def forward(self, x_t: torch.Tensor, t: Scalar, cond: torch.Tensor, layer: Scalar) -> torch.Tensor:
         """Velocity v [N, D] at points `x_t` [N, D], times `t`, contexts `cond` [N, D], layer fractions `layer`.

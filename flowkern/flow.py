@@ -7,6 +7,8 @@ here is the reference that fused backends are tested against.
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -17,6 +19,11 @@ from .config import CONTEXT_MODES
 from .field import VelocityField
 
 Scalar = Union[float, torch.Tensor]
+
+# The `precision` values of `flow_scores` / `flow_reward`, defined here only. "auto" is bf16 on CUDA for an fp32
+# field and the field's own dtype otherwise; a named precision scores through a copy of the field in that dtype.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def flow_pairs(hidden: torch.Tensor, mode: str = "token_pre", shift: int = 1
@@ -60,8 +67,6 @@ def _check_field_inputs(field: VelocityField, target: torch.Tensor, cond: torch.
         raise ValueError(f"target and cond must have the same shape, got {list(target.shape)} and {list(cond.shape)}")
     if target.dim() < 1 or target.shape[-1] != field.dim:
         raise ValueError(f"target's last dimension must be the field's dim {field.dim}, got shape {list(target.shape)}")
-    _checks.finite("target", target)
-    _checks.finite("cond", cond)
 
 
 def _per_row(name: str, value: Scalar, lead: Sequence[int], device: torch.device) -> Scalar:
@@ -75,15 +80,111 @@ def _per_row(name: str, value: Scalar, lead: Sequence[int], device: torch.device
     if tuple(value.shape) != tuple(lead):
         raise ValueError(f"{name} must be a float or have shape {list(lead)}, got {list(value.shape)}")
     _checks.same_device(**{name: value, "target": torch.empty(0, device=device)})
-    _checks.finite(name, value)
     return value.reshape(-1).float()
+
+
+@dataclass(frozen=True)
+class LayerRows:
+    """Per-row layer fractions given as a table: ``ℓ[r] = values[index[r]]``.
+
+    `flow_reward` passes its rows' layers this way (one value per hooked layer), so the fused backend embeds
+    each distinct value once without having to discover them (``torch.unique`` would synchronise the host).
+    """
+
+    values: torch.Tensor  # [U] fp32
+    index: torch.Tensor  # [N] integer
+
+    def per_row(self) -> torch.Tensor:
+        """The [N] fp32 layer fraction of every row."""
+        return self.values[self.index]
+
+
+# --------------------------------------------------------------------------- scoring precision
+
+def check_precision(precision: str) -> None:
+    """`precision` must be one of `PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def scoring_dtype(field: VelocityField, precision: str, device: torch.device) -> torch.dtype:
+    """The dtype in which `flow_scores` evaluates `field` on `device` for a `precision` of `PRECISIONS`."""
+    check_precision(precision)
+    if precision != "auto":
+        return PRECISION_DTYPES[precision]
+    dtype = field.input_proj.weight.dtype
+    return torch.bfloat16 if dtype == torch.float32 and device.type == "cuda" else dtype
+
+
+@dataclass
+class _CastCopy:
+    key: tuple
+    field: VelocityField
+
+
+# field -> {dtype: its cached copy}; an entry dies with its field.
+_CAST_COPIES: "weakref.WeakKeyDictionary[VelocityField, dict[torch.dtype, _CastCopy]]" = weakref.WeakKeyDictionary()
+
+
+def _state_tensors(field: VelocityField) -> list[torch.Tensor]:
+    return [*field.parameters(), *field.buffers()]
+
+
+def _version_key(tensors: Sequence[torch.Tensor]) -> tuple:
+    """Identity, storage and in-place version of every tensor: changes whenever one is replaced or written
+    in place (optimizer steps, ``load_state_dict``, ``copy_``). Read on the host: no device synchronisation."""
+    key = []
+    for t in tensors:
+        try:
+            version = t._version
+        except RuntimeError:  # inference tensors have no version counter: never reuse their copy
+            version = object()
+        key.append((id(t), t.data_ptr(), t.device, version))
+    return tuple(key)
+
+
+def cast_field(field: VelocityField, dtype: torch.dtype) -> VelocityField:
+    """`field` itself when its floating tensors already have `dtype`, else a cached copy cast to `dtype`.
+
+    The copy behaves as ``field.to(dtype)`` and is built once per (field, dtype); it is refreshed in place (one
+    fused copy, no host synchronisation) whenever a parameter or buffer of `field` has been replaced or written
+    in place since. Writes through ``.data`` bypass torch's version counters: after such a write, call
+    `drop_cast_copies` (or the copy keeps the old weights).
+    """
+    source = _state_tensors(field)
+    if all(t.dtype == dtype for t in source if t.is_floating_point()):
+        return field
+    key = _version_key(source)
+    copies = _CAST_COPIES.setdefault(field, {})
+    entry = copies.get(dtype)
+    device = field.input_proj.weight.device
+    if entry is None or entry.field.input_proj.weight.device != device:
+        with torch.device("meta"):
+            copy = VelocityField(field.dim, field.depth, field.eps)
+        copy = copy.to(dtype).to_empty(device=device).requires_grad_(False).eval()
+        shapes = [t.shape for t in _state_tensors(copy)]
+        if shapes != [t.shape for t in source]:
+            raise TypeError(f"cannot cast {type(field).__name__} for scoring: its parameters and buffers differ from "
+                            "a VelocityField's")
+        entry = copies[dtype] = _CastCopy(key=(), field=copy)
+    if entry.key != key:
+        with torch.no_grad():
+            torch._foreach_copy_(_state_tensors(entry.field), source)
+        entry.key = key
+    return entry.field
+
+
+def drop_cast_copies(field: VelocityField) -> None:
+    """Forget the cached low-precision copies of `field` (see `cast_field`); the next call rebuilds them."""
+    _CAST_COPIES.pop(field, None)
 
 
 # --------------------------------------------------------------------------- scores
 
 def flow_scores(field: VelocityField, target: torch.Tensor, cond: torch.Tensor, layer: Scalar, *,
                 timesteps: Sequence[float] = (0.8,), noise: Optional[torch.Tensor] = None,
-                generator: Optional[torch.Generator] = None, backend: str = "auto") -> torch.Tensor:
+                generator: Optional[torch.Generator] = None, backend: str = "auto",
+                precision: str = "auto", check_finite: bool = True) -> torch.Tensor:
     """Per-token velocity deviation [N] fp32 (no grad).
 
     ``score = mean_j (τ_j / (1 - τ_j)) * mean_D (v(x_τj, τj, c, ℓ) - u_j)^2`` with
@@ -99,6 +200,17 @@ def flow_scores(field: VelocityField, target: torch.Tensor, cond: torch.Tensor, 
             `generator` when None.
         generator: random source for ε when `noise` is None.
         backend: "auto", "torch", "triton" or "cuda".
+        precision: the dtype the field is evaluated in, one of `PRECISIONS`: "auto" (bf16 on CUDA for an
+            fp32 field, the field's own dtype otherwise), "fp32", "bf16" or "fp16". Another dtype than the
+            field's scores through a cached copy of its weights in that dtype (`cast_field`), refreshed
+            when the parameters change; every backend honours it.
+        check_finite: check that no score is NaN or Inf (a NaN/Inf in `target`, `cond`, `noise` or `layer`
+            makes its token's score non-finite), naming the argument that held the bad value: one host sync
+            on the [N] scores. False skips it, for callers that validate upstream: no host sync at all on the
+            fused path.
+
+    Raises:
+        ValueError: bad shapes or values, naming the argument; with `check_finite`, a non-finite input.
     """
     _check_field_inputs(field, target, cond)
     if target.dim() != 2:
@@ -106,21 +218,34 @@ def flow_scores(field: VelocityField, target: torch.Tensor, cond: torch.Tensor, 
     taus = _checks.timesteps(timesteps)
     device = _checks.same_device(target=target, cond=cond, noise=noise)
     n = target.shape[0]
-    layer = _per_row("layer", layer, (n,), device)
+    rows_layer = _per_row("layer", layer, (n,), device)
     if noise is not None:
         _checks.floating("noise", noise)
         if tuple(noise.shape) not in ((n, field.dim), (len(taus), n, field.dim)):
             raise ValueError(f"noise must be [{n}, {field.dim}] or [{len(taus)}, {n}, {field.dim}], "
                              f"got {list(noise.shape)}")
-        _checks.finite("noise", noise)
     _, fn = dispatch.resolve("flow_scores", backend, device)
+    scores = score_rows(fn, cast_field(field, scoring_dtype(field, precision, device)), target, cond, rows_layer,
+                        taus, noise, generator)
+    if check_finite:
+        _checks.finite_result("flow_scores", scores, target=target, cond=cond, noise=noise,
+                              layer=layer if isinstance(layer, torch.Tensor) else None)
+    return scores
+
+
+def score_rows(fn, field: VelocityField, target: torch.Tensor, cond: torch.Tensor,
+               layer: Union[float, torch.Tensor, LayerRows], timesteps: tuple[float, ...],
+               noise: Optional[torch.Tensor], generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Run the resolved `flow_scores` backend `fn` on validated inputs (no checks: internal callers validate)."""
     with torch.no_grad():
-        return fn(field, target, cond, layer, taus, noise, generator)
+        return fn(field, target, cond, layer, timesteps, noise, generator)
 
 
-def _flow_scores_torch(field: VelocityField, target: torch.Tensor, cond: torch.Tensor, layer: Scalar,
-                       timesteps: tuple[float, ...], noise: Optional[torch.Tensor],
-                       generator: Optional[torch.Generator]) -> torch.Tensor:
+def _flow_scores_torch(field: VelocityField, target: torch.Tensor, cond: torch.Tensor,
+                       layer: Union[float, torch.Tensor, LayerRows], timesteps: tuple[float, ...],
+                       noise: Optional[torch.Tensor], generator: Optional[torch.Generator]) -> torch.Tensor:
+    if isinstance(layer, LayerRows):
+        layer = layer.per_row()
     dtype = field.input_proj.weight.dtype
     x1 = target.float()
     if noise is None:
@@ -141,7 +266,7 @@ def flow_matching_loss(field: VelocityField, target: torch.Tensor, cond: torch.T
                        mask: Optional[torch.Tensor] = None, *, t: Optional[torch.Tensor] = None,
                        noise: Optional[torch.Tensor] = None, repeats: int = 1,
                        generator: Optional[torch.Generator] = None, input_grad: bool = False,
-                       backend: str = "auto") -> torch.Tensor:
+                       backend: str = "auto", check_finite: bool = True) -> torch.Tensor:
     """Masked-mean flow-matching loss (scalar fp32) over token latents.
 
     For each token and repeat r: ``x_t = t·x1 + (1-t)·ε``, ``u = x1 - ε`` and
@@ -160,6 +285,9 @@ def flow_matching_loss(field: VelocityField, target: torch.Tensor, cond: torch.T
         generator: random source for `t` and `noise` when they are not given.
         input_grad: let gradients flow into `target` and `cond` (detached by default).
         backend: "auto", "torch", "triton" or "cuda".
+        check_finite: check that the loss is finite (one host sync on the scalar); when it is not, the error
+            names the input that holds a NaN or Inf. A supplied `t` or float `mask` costs one more sync for
+            its range check.
     """
     _check_field_inputs(field, target, cond)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -180,8 +308,8 @@ def flow_matching_loss(field: VelocityField, target: torch.Tensor, cond: torch.T
         if tuple(t.shape) not in ((repeats, *lead),) + (((*lead,),) if repeats == 1 else ()):
             raise ValueError(f"t must have shape {[repeats, *lead]}" + (f" or {list(lead)}" if repeats == 1 else "")
                              + f", got {list(t.shape)}")
-        _checks.finite("t", t)
-        if t.numel() and bool(((t < 0) | (t > 1)).any()):
+        if t.numel() and not bool(((t >= 0) & (t <= 1)).all()):  # also false for NaN: one sync for both checks
+            _checks.finite("t", t)
             raise ValueError("t must lie in [0, 1]")
         t = t.reshape(repeats, n).float()
     if noise is not None:
@@ -189,7 +317,6 @@ def flow_matching_loss(field: VelocityField, target: torch.Tensor, cond: torch.T
         allowed = ((repeats, *lead, d),) + (((*lead, d),) if repeats == 1 else ())
         if tuple(noise.shape) not in allowed:
             raise ValueError(f"noise must have shape {[repeats, *lead, d]}, got {list(noise.shape)}")
-        _checks.finite("noise", noise)
         noise = noise.reshape(repeats, n, d)
     target, cond = target.reshape(n, d), cond.reshape(n, d)
     if not input_grad:
@@ -197,7 +324,11 @@ def flow_matching_loss(field: VelocityField, target: torch.Tensor, cond: torch.T
     _, fn = dispatch.resolve("flow_matching_loss", backend, device)
     if n == 0:  # no token: a zero loss that still reaches every parameter (zero gradients)
         return sum(p.sum() for p in field.parameters()).float().mul(0.0) + 0.0
-    return fn(field, target, cond, layer, weights, t, noise, generator)
+    loss = fn(field, target, cond, layer, weights, t, noise, generator)
+    if check_finite:
+        _checks.finite_result("flow_matching_loss", loss.detach(), target=target, cond=cond, noise=noise,
+                              layer=layer if isinstance(layer, torch.Tensor) else None)
+    return loss
 
 
 def _flow_matching_loss_torch(field: VelocityField, target: torch.Tensor, cond: torch.Tensor, layer: Scalar,

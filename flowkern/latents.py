@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _checks
+from ._device import small_tensor
 from .config import FlowConfig
 from .field import VelocityField
 from .flow import flow_matching_loss, flow_pairs
@@ -18,6 +19,7 @@ def check_latents(field: VelocityField, latents: Sequence[torch.Tensor], layer_f
                   ) -> tuple[list[torch.Tensor], list[float]]:
     """Validate per-layer latents [B, T, D] against `field`, `layer_fracs` and a [B, T] mask.
 
+    Shapes, dtypes and devices only (no host sync): NaN/Inf values are checked by the callers, once.
     Returns the latents as a list and the fractions as floats. Errors name the argument.
     """
     if not isinstance(field, VelocityField):
@@ -39,8 +41,6 @@ def check_latents(field: VelocityField, latents: Sequence[torch.Tensor], layer_f
         raise ValueError(f"latents have hidden size {D} but the field's dim is {field.dim}")
     _checks.mask(mask_name, mask, (B, T), allow_float=allow_float_mask)
     _checks.same_device(**{mask_name: mask}, **{f"latents[{i}]": lat for i, lat in enumerate(latents)})
-    for i, lat in enumerate(latents):
-        _checks.finite(f"latents[{i}]", lat)
     return latents, fracs
 
 
@@ -52,6 +52,7 @@ class PairIndex:
     pos: torch.Tensor
     cond_pos: torch.Tensor
     selected: torch.Tensor  # [B, T] bool: selected target positions
+    flagged: bool = False  # the `flag` given to `pair_index` was set (then rows/pos/cond_pos are empty)
 
     @property
     def n(self) -> int:
@@ -69,13 +70,33 @@ class PairIndex:
         return targets, conds
 
 
-def pair_index(mask: torch.Tensor, config: FlowConfig, seq_len: int) -> PairIndex:
-    """The pairs whose target position is in `mask` (bool [B, T]) and has a context under `config`."""
+def context_offset(config: FlowConfig) -> int:
+    """Position of a target's context relative to the target (``cond_pos = pos + offset``)."""
+    return {"token_pre": config.shift, "token_post": -config.shift, "identity": 0}[config.context_mode]
+
+
+def selected_pairs(mask: torch.Tensor, config: FlowConfig, seq_len: int) -> torch.Tensor:
+    """[B, T] bool: the target positions in `mask` (bool [B, T]) that have a context under `config`."""
     _, _, valid = flow_pairs(torch.empty(1, seq_len, 1, device=mask.device), config.context_mode, config.shift)
-    selected = mask & valid[None]
-    rows, pos = selected.nonzero(as_tuple=True)
-    offset = {"token_pre": config.shift, "token_post": -config.shift, "identity": 0}[config.context_mode]
-    return PairIndex(rows, pos, pos + offset, selected)
+    return mask & valid[None]
+
+
+def pair_index(selected: torch.Tensor, config: FlowConfig, flag: Optional[torch.Tensor] = None) -> PairIndex:
+    """The pairs of the `selected` target positions ([B, T] bool, from `selected_pairs`).
+
+    Their number is data-dependent, so listing them costs one host sync. A 0-d bool `flag` on the device
+    (e.g. "an input holds a NaN") is read back in that same sync: `PairIndex.flagged`.
+    """
+    flat = selected.reshape(-1)
+    size, seq_len = flat.numel(), selected.shape[-1]
+    if flag is not None:  # flag set -> size + 1 extra nonzero entries: the count alone tells
+        flat = torch.cat([flat, flag.reshape(1).expand(size + 1)])
+    idx = flat.nonzero().squeeze(1)  # the host sync
+    if idx.numel() > size:
+        empty = idx[:0]
+        return PairIndex(empty, empty, empty, selected, flagged=True)
+    rows, pos = idx // seq_len, idx % seq_len
+    return PairIndex(rows, pos, pos + context_offset(config), selected)
 
 
 def latent_flow_loss(field: VelocityField, latents: Sequence[torch.Tensor], mask: torch.Tensor,
@@ -101,9 +122,11 @@ def latent_flow_loss(field: VelocityField, latents: Sequence[torch.Tensor], mask
         raise TypeError(f"config must be a flowkern.FlowConfig, got {type(config).__name__}")
     latents, fracs = check_latents(field, latents, layer_fracs, mask, "mask", allow_float_mask=True)
     B, T, _ = latents[0].shape
-    index = pair_index(mask != 0, config, T)
+    index = pair_index(selected_pairs(mask != 0, config, T), config)
     targets, conds = index.gather(latents)
-    layer = torch.tensor(fracs, dtype=torch.float32, device=mask.device).repeat_interleave(index.n)
+    layer = small_tensor(fracs, mask.device)[:, None].expand(len(fracs), index.n).reshape(-1)
     weights = mask[index.rows, index.pos].float().repeat(len(latents))
-    return flow_matching_loss(field, targets, conds, layer, weights, repeats=repeats, generator=generator,
-                              backend=backend)
+    loss = flow_matching_loss(field, targets, conds, layer, weights, repeats=repeats, generator=generator,
+                              backend=backend, check_finite=False)
+    _checks.finite_result("latent_flow_loss", loss.detach(), **{f"latents[{i}]": lat for i, lat in enumerate(latents)})
+    return loss

@@ -8,10 +8,11 @@ import torch
 
 from . import _checks
 from . import backend as dispatch
+from ._device import small_tensor
 from .config import FlowConfig
 from .field import VelocityField
-from .flow import flow_scores
-from .latents import check_latents, pair_index
+from .flow import LayerRows, cast_field, check_precision, score_rows, scoring_dtype
+from .latents import check_latents, context_offset, pair_index, selected_pairs
 
 ADV_EPS = 1e-6  # added to the group std before dividing
 RTG_CHUNK = 64  # reward-to-go is scanned in chunks of this many positions
@@ -21,7 +22,7 @@ SCORE_GATHER_BYTES = 128 * 2**20  # bound on flow_reward's gathered (target, con
 def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_mask: torch.Tensor,
                 config: FlowConfig, *, layer_fracs: Sequence[float],
                 noise: Optional[Sequence[torch.Tensor]] = None, generator: Optional[torch.Generator] = None,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", precision: str = "auto", check_finite: bool = True) -> torch.Tensor:
     """Shaped token rewards [B, T] fp32 from the policy latents of a rollout batch.
 
     Each latent is paired by ``config.context_mode``; every action token that has
@@ -29,6 +30,9 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
     averaged over layers. Each sequence is then shaped over its action tokens
     (`shape_rewards`): normalisation, threshold, top-k and ``-config.coef``.
     Non-action positions, and the ``shift`` positions without a pair, get 0.
+
+    Host syncs: one, for the number of scored tokens (a data-dependent size); the NaN/Inf check of
+    `check_finite` is read back in that same sync.
 
     Args:
         field: the velocity field, trained in the same context mode as `config`.
@@ -41,11 +45,18 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
         generator: random source for the noise when `noise` is None.
         backend: "auto", "torch", "triton" or "cuda". It selects the scoring backend and
             the shaping backend; a stage that has no such implementation uses "auto".
+        precision: the dtype the field is scored in (`flow_scores`): "auto" (bf16 on CUDA for an fp32
+            field, the field's dtype otherwise), "fp32", "bf16" or "fp16".
+        check_finite: check that the latents and noise hold no NaN or Inf where they are read (the scored
+            tokens and their contexts); the error names the tensor. It reads each latent once on the device and
+            costs no extra sync. False skips it, for callers that validate upstream.
     """
     if not isinstance(config, FlowConfig):
         raise TypeError(f"config must be a flowkern.FlowConfig, got {type(config).__name__}")
+    check_precision(precision)
     latents, layer_fracs = check_latents(field, latents, layer_fracs, action_mask)
     B, T, D = latents[0].shape
+    device = action_mask.device
     if noise is not None:
         noise = list(noise)
         if len(noise) != len(latents):
@@ -54,25 +65,48 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
             _checks.floating(f"noise[{i}]", nz)
             _checks.shape(f"noise[{i}]", nz, (B, T, D))
             _checks.same_device(**{"latents[0]": latents[0], f"noise[{i}]": nz})
-            _checks.finite(f"noise[{i}]", nz)
     score_backend, shape_backend = _stage_backends(backend)
+    _, score_fn = dispatch.resolve("flow_scores", score_backend, device)
+    _, shape_fn = dispatch.resolve("shape_rewards", shape_backend, device)
 
-    index = pair_index(action_mask, config, T)
-    scores = torch.zeros(B, T, dtype=torch.float32, device=action_mask.device)
+    selected = selected_pairs(action_mask, config, T)
+    inputs = {f"latents[{i}]": (lat, True) for i, lat in enumerate(latents)}
+    inputs.update({f"noise[{i}]": (nz, False) for i, nz in enumerate(noise or [])})
+    offset = context_offset(config)
+    index = pair_index(selected, config, _non_finite_read(inputs.values(), selected, offset) if check_finite else None)
+    if index.flagged:
+        for name, tensor_and_cond in inputs.items():
+            if bool(_non_finite_read([tensor_and_cond], selected, offset)):
+                raise ValueError(f"{name} contains NaN or Inf values")
+
+    scoring = cast_field(field, scoring_dtype(field, precision, device))
+    scores = torch.zeros(B, T, dtype=torch.float32, device=device)
     # The gathered copies are bounded: tokens are scored in near-equal chunks of at most SCORE_GATHER_BYTES of
-    # copies (one chunk, hence one flow_scores call, unless the batch is large).
+    # copies (one chunk, hence one scoring call, unless the batch is large).
     per_token = sum(2 * lat.element_size() * D for lat in latents) + sum(nz.element_size() * D for nz in noise or [])
     count = -(-index.n // max(1, SCORE_GATHER_BYTES // per_token))
-    fracs = torch.tensor(layer_fracs, dtype=torch.float32, device=action_mask.device)
+    fracs = small_tensor(layer_fracs, device)
     for i in range(count):  # chunk sizes differ by at most one token
         part = index.slice(i * index.n // count, (i + 1) * index.n // count)
         targets, conds = part.gather(latents)
-        per_layer = flow_scores(
-            field, targets, conds, fracs.repeat_interleave(part.n), timesteps=config.timesteps,
-            noise=None if noise is None else torch.cat([nz[part.rows, part.pos] for nz in noise]),
-            generator=generator, backend=score_backend)
+        layer = LayerRows(fracs, torch.arange(len(latents), device=device)[:, None].expand(-1, part.n).reshape(-1))
+        per_layer = score_rows(score_fn, scoring, targets, conds, layer, config.timesteps,
+                               None if noise is None else torch.cat([nz[part.rows, part.pos] for nz in noise]),
+                               generator)
         scores[part.rows, part.pos] = per_layer.view(len(latents), part.n).mean(0)
-    return shape_rewards(scores, index.selected, config, backend=shape_backend)
+    return shape_fn(scores, index.selected, config)
+
+
+def _non_finite_read(inputs, selected: torch.Tensor, offset: int) -> torch.Tensor:
+    """0-d bool on the device: does a NaN/Inf sit where flow_reward reads? `inputs`: (tensor [B, T, D], also read
+    as context?) pairs; a selected target at k reads position k, and position k + offset as its context."""
+    bad = torch.zeros_like(selected)
+    for x, as_context in inputs:
+        rows = _checks.non_finite_rows(x)
+        bad |= rows
+        if as_context and offset:
+            bad |= rows.roll(-offset, dims=1)  # wrapped positions have no pair: `selected` masks them out
+    return (bad & selected).any()
 
 
 def _stage_backends(backend: str) -> tuple[str, str]:
@@ -86,7 +120,7 @@ def _stage_backends(backend: str) -> tuple[str, str]:
 
 
 def shape_rewards(scores: torch.Tensor, action_mask: torch.Tensor, config: FlowConfig, *,
-                  backend: str = "auto") -> torch.Tensor:
+                  backend: str = "auto", check_finite: bool = True) -> torch.Tensor:
     """Per-sequence shaping of token scores [B, T] into token rewards [B, T] fp32.
 
     Over the action tokens of each row: normalisation (``config.norm``), the
@@ -94,10 +128,13 @@ def shape_rewards(scores: torch.Tensor, action_mask: torch.Tensor, config: FlowC
     norms), top-k (k largest, or ⌊k/2⌋ per side for the signed norms), then
     ``r = -config.coef * s`` on kept tokens. Everything else is 0. A row with no
     action token is all zero; a constant row normalises to 0.
+
+    `check_finite` checks that no action token's score is NaN or Inf (one host sync); False skips it.
     """
     check_shaping_inputs(scores, action_mask, config)
     device = _checks.same_device(scores=scores, action_mask=action_mask)
-    _checks.finite("scores", scores.masked_fill(~action_mask, 0))
+    if check_finite:
+        _checks.finite("scores", scores.masked_fill(~action_mask, 0))
     _, fn = dispatch.resolve("shape_rewards", backend, device)
     return fn(scores, action_mask, config)
 
@@ -159,7 +196,8 @@ def _shape_rewards_torch(scores: torch.Tensor, action: torch.Tensor, config: Flo
 
 
 def shape_advantages(outcome: torch.Tensor, token_rewards: torch.Tensor, action_mask: torch.Tensor,
-                     group_size: int, gamma: float = 1.0, *, backend: str = "auto") -> torch.Tensor:
+                     group_size: int, gamma: float = 1.0, *, backend: str = "auto",
+                     check_finite: bool = True) -> torch.Tensor:
     """GRPO advantages with flow shaping, [B, T] fp32 (0 off-action).
 
     ``A[i, k] = Â_i + Σ_{s ≥ k, s ∈ action} γ^(s-k) r[i, s]`` where
@@ -173,6 +211,8 @@ def shape_advantages(outcome: torch.Tensor, token_rewards: torch.Tensor, action_
         group_size: rollouts per prompt n; must divide B.
         gamma: discount γ in [0, 1].
         backend: "auto", "torch", "triton" or "cuda".
+        check_finite: check that `outcome` and `token_rewards` hold no NaN or Inf (one host sync for both,
+            the error names the argument); False skips it.
     """
     _checks.floating("outcome", outcome)
     _checks.floating("token_rewards", token_rewards)
@@ -184,8 +224,8 @@ def shape_advantages(outcome: torch.Tensor, token_rewards: torch.Tensor, action_
     _checks.group_size(group_size, B)
     gamma = _checks.gamma(gamma)
     device = _checks.same_device(outcome=outcome, token_rewards=token_rewards, action_mask=action_mask)
-    _checks.finite("outcome", outcome)
-    _checks.finite("token_rewards", token_rewards)
+    if check_finite:
+        _checks.all_finite(outcome=outcome, token_rewards=token_rewards)
     _, fn = dispatch.resolve("shape_advantages", backend, device)
     return fn(outcome, token_rewards, action_mask, group_size, gamma)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flowkern as fk
-from flowkern.checkpoint import sidecar_path
+from flowkern.checkpoint import official_state_dict, sidecar_path
 from helpers import random_field
 
 OFFICIAL_KEYS = {
@@ -37,7 +37,9 @@ def test_state_dict_keys_are_official():
 
 
 @pytest.mark.parametrize("prefix", ["model.", ""])
-def test_official_bin_round_trip(tmp_path, prefix):
+def test_flowkern_state_dict_saved_as_bin_loads(tmp_path, prefix):
+    """flowkern's own state dict (freqs [128]) written with torch.save; the released layout itself is
+    re-created from the released source in test_official_checkpoint.py."""
     field = random_field(12, 2, dtype=torch.float32)
     path = tmp_path / "flow_model.bin"
     torch.save({prefix + k: v for k, v in field.state_dict().items()}, path)
@@ -75,7 +77,7 @@ def test_save_rejects_depth_mismatch(tmp_path):
 
 
 def test_errors_name_missing_unexpected_and_misshaped_keys(tmp_path):
-    state = {f"model.{k}": v for k, v in fk.VelocityField(8, 2).state_dict().items()}
+    state = official_state_dict(fk.VelocityField(8, 2))
     del state["model.res_blocks.1.mlp.0.bias"]
     state["model.extra.weight"] = torch.zeros(3)
     state["model.cond_embed.weight"] = torch.zeros(8, 9)
@@ -84,7 +86,7 @@ def test_errors_name_missing_unexpected_and_misshaped_keys(tmp_path):
     with pytest.raises(ValueError) as err:
         fk.load_flow_field(path)
     msg = str(err.value)
-    assert "res_blocks.1.mlp.0.bias" in msg and "extra.weight" in msg and "cond_embed.weight" in msg
+    assert "res_blocks.1.mlp.0.bias" in msg and "model.extra.weight" in msg and "model.cond_embed.weight" in msg
 
 
 def test_nan_weights_and_missing_files_are_refused(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flowkern as fk
-from flowkern.latents import latent_flow_loss, pair_index
+from flowkern.latents import latent_flow_loss, pair_index, selected_pairs
 from helpers import random_field
 
 
@@ -32,9 +32,11 @@ def test_latent_flow_loss_equals_hand_gathered_loss(mode):
 
 def test_pair_index_positions():
     mask = torch.tensor([[True, True, False, True]])
-    idx = pair_index(mask, fk.FlowConfig(context_mode="token_pre", shift=1), 4)
+    cfg = fk.FlowConfig(context_mode="token_pre", shift=1)
+    idx = pair_index(selected_pairs(mask, cfg, 4), cfg)
     assert idx.pos.tolist() == [0, 1] and idx.cond_pos.tolist() == [1, 2]
-    idx = pair_index(mask, fk.FlowConfig(context_mode="token_post", shift=1), 4)
+    cfg = fk.FlowConfig(context_mode="token_post", shift=1)
+    idx = pair_index(selected_pairs(mask, cfg, 4), cfg)
     assert idx.pos.tolist() == [1, 3] and idx.cond_pos.tolist() == [0, 2]
 
 

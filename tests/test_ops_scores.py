@@ -19,7 +19,8 @@ from helpers import need, random_field
 
 need("triton")  # before flowkern.ops.scores, which imports it
 import flowkern as fk
-from flowkern.ops import scores
+from flowkern.ops import _triton, scores
+from flowkern.ops._triton import draw_seed
 from flowkern.testing import assert_close
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,8 +145,8 @@ def test_flow_reward_streams_its_gathered_copies(monkeypatch, backend):
     per_token = 2 * (2 * 4 * dim) + 2 * 4 * dim  # two latents (target + cond copies) and two noises, fp32
     monkeypatch.setattr(fk.reward, "SCORE_GATHER_BYTES", 7 * per_token)  # chunks of at most 7 tokens
     calls = []
-    score = fk.reward.flow_scores
-    monkeypatch.setattr(fk.reward, "flow_scores", lambda f, t, *a, **k: calls.append(len(t) // 2) or score(f, t, *a, **k))
+    score = fk.reward.score_rows
+    monkeypatch.setattr(fk.reward, "score_rows", lambda fn, f, t, *a: calls.append(len(t) // 2) or score(fn, f, t, *a))
     assert_close(fk.flow_reward(field, latents, action, cfg, **kw), whole, torch.float32)
     assert len(calls) > 2 and max(calls) <= 7 and max(calls) - min(calls) <= 1  # near-equal chunks
 
@@ -165,8 +166,8 @@ def test_flow_reward_default_shaping_keeps_the_same_tokens():
 
 # --------------------------------------------------------------------------- seeded (in-kernel Philox) mode
 
-def _seed_of(generator_seed: int) -> int:
-    return scores._draw_seed(torch.Generator(device=DEVICE).manual_seed(generator_seed))
+def _seed_of(generator_seed: int) -> torch.Tensor:
+    return draw_seed(torch.Generator(device=DEVICE).manual_seed(generator_seed), DEVICE)
 
 
 def test_seeded_scores_use_exactly_seeded_noise(monkeypatch):
@@ -246,9 +247,26 @@ def test_producer_tiles_align_with_partial_slots():
     for config in scores._GEMM_CONFIGS + scores._SCORE_CONFIGS:
         assert config.kwargs["BN"] % scores._SLOT == 0, config
     for configs in (scores._GEMM_CONFIGS, scores._MODULATE_CONFIGS, scores._SCORE_CONFIGS):
-        assert scores._fp32_prune(configs, {"w_ptr": torch.zeros(1)}) == configs[-1:]
-        assert scores._fp32_prune(configs, {"w_ptr": torch.zeros(1, dtype=torch.float16)}) == configs
+        assert scores._prune(configs, {"w_ptr": torch.zeros(1)}) == configs[-1:]
+        assert scores._prune(configs, {"w_ptr": torch.zeros(1, dtype=torch.float16)}) == configs
     assert scores._NOISE_TILE[1] % 4 == 0
+
+
+def test_pinned_configs_choose_without_timing(monkeypatch):
+    """Deterministic mode: one fixed config per kernel (nothing to time, so every rank runs the same tiles)."""
+    half = {"w_ptr": torch.zeros(1, dtype=torch.bfloat16)}
+    monkeypatch.delenv("FLOWKERN_DETERMINISTIC", raising=False)
+    assert not _triton.pinned_configs()
+    for configs in (scores._GEMM_CONFIGS, scores._MODULATE_CONFIGS, scores._SCORE_CONFIGS):
+        assert len(scores._prune(configs, half)) > 1
+        monkeypatch.setenv("FLOWKERN_DETERMINISTIC", "1")
+        assert scores._prune(configs, half) == configs[:1]
+        monkeypatch.delenv("FLOWKERN_DETERMINISTIC")
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert _triton.pinned_configs() and scores._prune(configs, half) == configs[:1]
+        finally:
+            torch.use_deterministic_algorithms(False)
 
 
 def test_chunk_size_bounds_memory():
@@ -318,3 +336,54 @@ def test_bf16_parity_and_topk_agreement_cuda():
     both = (kept_triton & kept_torch).sum().item()
     assert kept_torch.sum() > 0
     assert both / max(kept_triton.sum().item(), kept_torch.sum().item()) >= 0.95
+
+
+# --------------------------------------------------------------------------- GPU: the real widths
+
+REAL = [  # (dim, depth, n): the 1.5B and 7B widths and an odd one; n spans several chunks at MAX_CHUNK_BYTES / 8
+    (1536, 4, 6000), (3584, 6, 2500), (1000, 2, 5000),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("field_dtype", [torch.bfloat16, torch.float32], ids=["bf16-field", "fp32-field"])
+@pytest.mark.parametrize("seeded", [False, True], ids=["supplied", "seeded"])
+@pytest.mark.parametrize("dim,depth,n", REAL, ids=[f"D{d}" for d, _, _ in REAL])
+def test_real_widths_cuda(monkeypatch, dim, depth, n, seeded, field_dtype):
+    """J = 2, several chunks, seeded and supplied noise; an fp32 field scores through its bf16 copy ("auto")."""
+    monkeypatch.setattr(scores, "MAX_CHUNK_BYTES", scores.MAX_CHUNK_BYTES // 8)
+    taus = (0.6, 0.8)
+    assert len(scores._chunk_bounds(n, len(taus), dim, 2)) > 2
+    field = _field(dim, depth, field_dtype, seed=dim)
+    x1, cond, layer = _inputs(n, dim, seed=dim, dtype=torch.bfloat16)
+    if seeded:
+        seed = _seed_of(dim)
+        got = fk.flow_scores(field, x1, cond, layer, timesteps=taus, backend="triton",
+                             generator=torch.Generator(device=DEVICE).manual_seed(dim))
+        noise = scores.seeded_noise(seed, n, dim, DEVICE)
+    else:
+        noise = torch.randn(len(taus), n, dim, device=DEVICE)
+        got = fk.flow_scores(field, x1, cond, layer, timesteps=taus, noise=noise, backend="triton")
+    want = fk.flow_scores(field, x1, cond, layer, timesteps=taus, noise=noise, backend="torch")
+    rel = float((got - want).norm() / want.norm())
+    assert rel <= 2e-2, rel
+
+
+@pytest.mark.cuda
+def test_pinned_configs_are_repeatable_across_processes_cuda(tmp_path):
+    """FLOWKERN_DETERMINISTIC=1: two processes score the same tokens bitwise identically."""
+    script = (
+        "import sys, torch, flowkern as fk\n"
+        "from helpers import random_field\n"
+        "f = random_field(1536, 2, dtype=torch.bfloat16, scale=1536 ** -0.5).cuda()\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = torch.randn(4096, 1536, generator=g).cuda().bfloat16()\n"
+        "s = fk.flow_scores(f, x, x.flip(0), 0.5, backend='triton', generator=torch.Generator('cuda').manual_seed(1))\n"
+        "torch.save(s.cpu(), sys.argv[1])\n")
+    outs = []
+    for i in range(2):
+        path = tmp_path / f"s{i}.pt"
+        env = {**os.environ, "FLOWKERN_DETERMINISTIC": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, cwd=ROOT, timeout=300)
+        outs.append(torch.load(path))
+    assert torch.equal(outs[0], outs[1])

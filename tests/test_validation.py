@@ -158,3 +158,91 @@ def test_backend_selection(setup, monkeypatch):
     monkeypatch.setenv("FLOWKERN_BACKEND", "triton")
     with pytest.raises(ValueError, match="FLOWKERN_BACKEND"):
         backend.resolve("flow_scores", "auto", torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- NaN/Inf: checked once, on the result
+
+@pytest.mark.parametrize("arg", ["target", "cond", "noise", "layer"])
+def test_flow_scores_names_the_non_finite_argument(setup, arg):
+    field = setup[0]
+    n = 5
+    args = dict(target=torch.randn(n, D), cond=torch.randn(n, D), noise=torch.randn(n, D), layer=torch.rand(n))
+    args[arg][1] = float("nan") if arg != "noise" else float("inf")
+    call = dict(timesteps=(0.8,), noise=args["noise"])
+    with pytest.raises(ValueError, match=f"^{arg} contains NaN or Inf"):
+        fk.flow_scores(field, args["target"], args["cond"], args["layer"], **call)
+    out = fk.flow_scores(field, args["target"], args["cond"], args["layer"], check_finite=False, **call)
+    assert not torch.isfinite(out[1]) and torch.isfinite(out[[0, 2, 3, 4]]).all()  # the bad row only
+
+
+def test_non_finite_field_is_reported_as_such(setup):
+    field = setup[0]
+    with torch.no_grad():
+        field.input_proj.bias[0] = float("nan")
+    x = torch.randn(4, D)
+    with pytest.raises(ValueError, match="flow_scores contains NaN or Inf although every input is finite"):
+        fk.flow_scores(field, x, x, 0.5)
+
+
+def test_flow_reward_checks_what_it_reads(setup):
+    """A NaN where a scored token or its context sits is named; one where nothing is read is harmless."""
+    field, latents, action, cfg = setup  # token_pre, shift 1: target k reads positions k and k + 1
+    action[:, :3] = False
+    latents[0][1, 1, 0] = float("nan")  # position 1: neither a scored target nor the context of one
+    out = _reward(field, latents, action, cfg)
+    assert torch.isfinite(out).all()
+    latents[0][1, 3, 0] = float("nan")  # position 3: a scored target
+    with pytest.raises(ValueError, match=r"^latents\[0\] contains NaN or Inf"):
+        _reward(field, latents, action, cfg)
+    assert _reward(field, latents, action, cfg, check_finite=False).shape == (B, T)
+    latents[0][1, 3, 0] = 0.0
+    noise = [torch.randn(B, T, D) for _ in latents]
+    noise[1][0, T - 1, 2] = float("inf")  # the last position has no context: never scored under token_pre
+    _reward(field, latents, action, cfg, noise=noise)
+    noise[1][0, T - 2, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"^noise\[1\] contains NaN or Inf"):
+        _reward(field, latents, action, cfg, noise=noise)
+
+
+def test_flow_reward_checks_contexts(setup):
+    field, latents, action, cfg = setup
+    action[:, 2:] = False  # targets 0 and 1, whose contexts are positions 1 and 2
+    latents[1][0, 2, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"^latents\[1\] contains NaN or Inf"):
+        _reward(field, latents, action, cfg)
+
+
+def test_shaping_checks_can_be_skipped():
+    scores = torch.rand(6, 4)
+    action = torch.ones(6, 4, dtype=torch.bool)
+    scores[2, 1] = float("nan")
+    cfg = fk.FlowConfig()
+    with pytest.raises(ValueError, match="^scores contains NaN or Inf"):
+        fk.shape_rewards(scores, action, cfg)
+    fk.shape_rewards(scores, action, cfg, check_finite=False)
+    with pytest.raises(ValueError, match="^token_rewards contains NaN or Inf"):
+        fk.shape_advantages(torch.zeros(6), scores, action, 3)
+    with pytest.raises(ValueError, match="^outcome contains NaN or Inf"):
+        fk.shape_advantages(torch.tensor([0.0, 1, float("inf"), 0, 1, 0]), torch.zeros(6, 4), action, 3)
+    fk.shape_advantages(torch.zeros(6), scores, action, 3, check_finite=False)
+
+
+def test_loss_checks_its_result(setup):
+    field, latents, _, cfg = setup
+    x = latents[0].clone()
+    x[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="^target contains NaN or Inf"):
+        fk.flow_matching_loss(field, x, latents[1], 0.5)
+    with pytest.raises(ValueError, match="^t contains NaN or Inf"):
+        fk.flow_matching_loss(field, latents[0], latents[1], 0.5, t=torch.full((B, T), float("nan")))
+    with pytest.raises(ValueError, match=r"^latents\[1\] contains NaN or Inf"):
+        fk.latent_flow_loss(field, [latents[0], x], torch.ones(B, T, dtype=torch.bool), cfg, layer_fracs=(0.2, 0.4))
+    with pytest.raises(ValueError, match="^mask contains NaN or Inf"):
+        fk.flow_matching_loss(field, latents[0], latents[1], 0.5, torch.full((B, T), float("nan")))
+
+
+def test_available_backends_takes_strings_and_names_the_ops():
+    assert fk.available_backends("flow_scores", "cpu") == fk.available_backends("flow_scores", torch.device("cpu"))
+    assert "torch" in fk.available_backends("shape_rewards", "cpu")
+    with pytest.raises(ValueError, match=r"unknown op 'flow_score'.*'flow_matching_loss'.*'flow_scores'"):
+        fk.available_backends("flow_score", "cpu")

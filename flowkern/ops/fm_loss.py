@@ -64,6 +64,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import backend
 from ..field import VelocityField
+from . import _triton
 from . import fm_loss_kernels as kern
 from ._triton import why_unavailable
 
@@ -141,8 +142,11 @@ def _slots(ada: torch.Tensor, width: int) -> list[torch.Tensor]:
 
 
 def _launch(kernel, tiling: kern.RowTiling, *args, **constexprs) -> None:
-    kernel[(tiling.grid,)](*args, tiling.rows_per_prog, BLOCK_M=tiling.block_m, BLOCK_D=tiling.block_d,
-                           num_warps=tiling.num_warps, **constexprs)
+    """Launch `kernel` on the device of its first tensor argument (`_triton.device_guard`), not the current one."""
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    with _triton.device_guard(device):
+        kernel[(tiling.grid,)](*args, tiling.rows_per_prog, BLOCK_M=tiling.block_m, BLOCK_D=tiling.block_d,
+                               num_warps=tiling.num_warps, **constexprs)
 
 
 def _partials(tiling: kern.RowTiling, slots: int, width: int, device: torch.device) -> torch.Tensor:
@@ -335,7 +339,7 @@ class _FlowMatchingLoss(torch.autograd.Function):
             grads[0] = dx1
         del da
 
-        # ---- conditioning: y = cond_embed(c)[n] + temb(t)[r, n] + lemb(ℓ)
+        # ---- conditioning: y = lemb(ℓ) + cond_embed(c)[n] + temb(t)[r, n]
         if need_sy:
             dy = torch.empty_like(d_sy)
             _launch(kern.cond_bwd_kernel, tiling, d_sy, y, dy, rows, W)
@@ -345,14 +349,6 @@ class _FlowMatchingLoss(torch.autograd.Function):
             if need[3]:
                 grads[3] = dy.sum(0, keepdim=True) if ctx.e_l_shape[0] == 1 else per_token
         return tuple(grads)
-
-
-def _draw_seed(generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    """A Philox key drawn from `generator` (or torch's default generator of `device`) as a 1-element
-    int64 tensor on `device`: no host synchronisation, deterministic per generator state."""
-    gen_device = generator.device if generator is not None else device
-    seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=gen_device, dtype=torch.int64)
-    return seed.to(device, non_blocking=True)
 
 
 def flow_matching_loss_triton(field: VelocityField, target: torch.Tensor, cond: torch.Tensor, layer: Scalar,
@@ -390,7 +386,7 @@ def flow_matching_loss_triton(field: VelocityField, target: torch.Tensor, cond: 
         noise = noise.reshape(repeats * n, width)
         if noise.stride(-1) != 1:
             noise = noise.contiguous()
-    seed = _draw_seed(generator, device) if noise is None else None
+    seed = _triton.draw_seed(generator, device) if noise is None else None
     cond_lin = field.cond_embed(cond.to(dtype))
     e_t = field.time_embed.embed_values(t.reshape(-1))
     e_l = field.layer_embed(layer, n)

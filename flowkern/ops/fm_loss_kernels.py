@@ -194,6 +194,7 @@ def _dsilu(z):
 
 # --------------------------------------------------------------------------- forward kernels
 
+# Largest offset: r·W into x_t and noise ([R·N, W], R·N·W ≥ 2**31 at large batches): int64 rows (`_tile`).
 @triton.jit
 def interp_kernel(x1_ptr, x1_stride, noise_ptr, noise_stride, seed_ptr, t_ptr, xt_ptr,
                   rows, n_tok, width, rows_per_prog,
@@ -214,11 +215,13 @@ def interp_kernel(x1_ptr, x1_stride, noise_ptr, noise_stride, seed_ptr, t_ptr, x
         _store(xt_ptr, r64, width, t * x1 + (1.0 - t) * eps, mask, BLOCK_D)
 
 
+# Largest offset: r·W into y and SiLU(y) (R·N·W): int64 rows.
 @triton.jit
 def cond_kernel(cl_ptr, et_ptr, el_ptr, el_stride, y_ptr, sy_ptr,
                 rows, n_tok, width, rows_per_prog,
                 EL_PER_TOKEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``y = cond_embed(c)[token] + temb(t)[row] + lemb(ℓ)[token or 0]`` and ``silu(y)``.
+    """``y = (lemb(ℓ)[token or 0] + cond_embed(c)[token]) + temb(t)[row]`` (the reference's and the released
+    module's order, rounded as they round) and ``silu(y)``.
 
     Bytes: reads cond_embed(c) and temb (2 units; lemb is one cached row unless per token),
     writes y and silu(y) (2) -> 4 units, 112 µs floor.
@@ -228,16 +231,17 @@ def cond_kernel(cl_ptr, et_ptr, el_ptr, el_stride, y_ptr, sy_ptr,
     for i in range(0, rows_per_prog, BLOCK_M):
         r, r64, rmask, mask = _tile(pid * rows_per_prog + i, rows, width, BLOCK_M, BLOCK_D)
         tok = (r % n_tok).to(tl.int64)
-        y = _rnd(_load(cl_ptr, tok, width, mask, BLOCK_D) + _load(et_ptr, r64, width, mask, BLOCK_D), DT)
         if EL_PER_TOKEN:
-            y += _load(el_ptr, tok, el_stride, mask, BLOCK_D)
+            y = _load(el_ptr, tok, el_stride, mask, BLOCK_D)
         else:
-            y += _load(el_ptr, tok * 0, 0, mask, BLOCK_D)
-        y = _rnd(y, DT)
+            y = _load(el_ptr, tok * 0, 0, mask, BLOCK_D)
+        y = _rnd(y + _load(cl_ptr, tok, width, mask, BLOCK_D), DT)
+        y = _rnd(y + _load(et_ptr, r64, width, mask, BLOCK_D), DT)
         _store(y_ptr, r64, width, y, mask, BLOCK_D)
         _store(sy_ptr, r64, width, _silu(y), mask, BLOCK_D)
 
 
+# Largest offset: r·ada_stride into the adaLN output (R·N·3W, the largest): int64 rows.
 @triton.jit
 def modulate_kernel(a_ptr, gate_ptr, gate_stride, z2_ptr, shift_ptr, scale_ptr, ada_stride, w_ptr,
                     a_out_ptr, h_ptr, rstd_ptr, rows, width, eps, rows_per_prog,
@@ -267,6 +271,7 @@ def modulate_kernel(a_ptr, gate_ptr, gate_stride, z2_ptr, shift_ptr, scale_ptr, 
         _store(h_ptr, r64, width, _modulate(a, rstd, w, shift, scale, DT), mask, BLOCK_D)
 
 
+# Largest offset: r·W into v and noise (R·N·W): int64 rows; part[pid] is small.
 @triton.jit
 def loss_kernel(v_ptr, x1_ptr, x1_stride, noise_ptr, noise_stride, seed_ptr, wt_ptr, part_ptr,
                 rows, n_tok, width, rows_per_prog,
@@ -287,6 +292,7 @@ def loss_kernel(v_ptr, x1_ptr, x1_stride, noise_ptr, noise_stride, seed_ptr, wt_
 
 # --------------------------------------------------------------------------- backward kernels
 
+# Largest offset: r·ada_stride into shift/scale (R·N·3W): int64 rows.
 @triton.jit
 def loss_bwd_kernel(v_ptr, x1_ptr, x1_stride, noise_ptr, noise_stride, seed_ptr, wt_ptr, coef_ptr, dv_ptr,
                     a_ptr, rstd_ptr, shift_ptr, scale_ptr, ada_stride, w_ptr, h_ptr, part_ptr,
@@ -315,6 +321,7 @@ def loss_bwd_kernel(v_ptr, x1_ptr, x1_stride, noise_ptr, noise_stride, seed_ptr,
     _store_partial(part_ptr, pid, 0, 1, width, acc, BLOCK_D)
 
 
+# Largest offset: r·ada_stride (R·N·3W): int64 rows; partials (pid·slots + s)·W cast to int64.
 @triton.jit
 def modulate_bwd_kernel(dh_ptr, dscale_ptr, d_stride, a_ptr, rstd_ptr, scale_ptr, ada_stride, w_ptr,
                         dres_ptr, da_ptr, part_ptr, rows, width, rows_per_prog,
@@ -372,6 +379,7 @@ def modulate_bwd_kernel(dh_ptr, dscale_ptr, d_stride, a_ptr, rstd_ptr, scale_ptr
         _store_partial(part_ptr, pid, 2, 3, width, acc_scale, BLOCK_D)
 
 
+# Largest offset: r·ada_stride (R·N·3W): int64 rows; partials cast to int64.
 @triton.jit
 def gate_bwd_kernel(da_ptr, gate_ptr, ada_stride, z2_ptr, z1_ptr, dz2_ptr, dgate_ptr, d_stride, s1_ptr,
                     part_ptr, rows, width, rows_per_prog, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -399,6 +407,7 @@ def gate_bwd_kernel(da_ptr, gate_ptr, ada_stride, z2_ptr, z1_ptr, dz2_ptr, dgate
     _store_partial(part_ptr, pid, 1, 2, width, acc_gate, BLOCK_D)
 
 
+# Largest offset: r·ada_stride (R·N·3W): int64 rows.
 @triton.jit
 def silu_bwd_modulate_kernel(ds1_ptr, z1_ptr, dz1_ptr, a_ptr, rstd_ptr, shift_ptr, scale_ptr, ada_stride,
                              w_ptr, h_ptr, part_ptr, rows, width, rows_per_prog,
@@ -423,6 +432,7 @@ def silu_bwd_modulate_kernel(ds1_ptr, z1_ptr, dz1_ptr, a_ptr, rstd_ptr, shift_pt
     _store_partial(part_ptr, pid, 0, 1, width, acc, BLOCK_D)
 
 
+# Largest offset: r·W (R·N·W): int64 rows.
 @triton.jit
 def cond_bwd_kernel(dsy_ptr, y_ptr, dy_ptr, rows, width, rows_per_prog,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -437,6 +447,7 @@ def cond_bwd_kernel(dsy_ptr, y_ptr, dy_ptr, rows, width, rows_per_prog,
         _store(dy_ptr, r64, width, dy, mask, BLOCK_D)
 
 
+# Largest offset: (rep·N + n)·W into dx_t and noise (R·N·W): int64 rows.
 @triton.jit
 def input_grad_kernel(dxt_ptr, t_ptr, v_ptr, x1_ptr, x1_stride, noise_ptr, noise_stride, seed_ptr, wt_ptr,
                       coef_ptr, dx1_ptr, n_tok, repeats, width, rows_per_prog,

@@ -46,7 +46,10 @@ import triton
 import triton.language as tl
 
 from .. import backend
+from .._device import small_tensor
 from ..field import VelocityField
+from ..flow import LayerRows
+from . import _triton
 from ._triton import interpreting, prune_configs, why_unavailable
 
 # Intermediates held per chunk: SiLU(y), a, gate, h (x_t before input_proj), MLP hidden — each [J·n, W].
@@ -59,6 +62,7 @@ _SLOT = 64
 _NOISE_TILE = (16, 256)  # (rows, cols) of `_interpolate_kernel`'s programs
 
 _EPI_RMS, _EPI_SILU, _EPI_RESID = 0, 1, 2
+_LAYER_SHARED, _LAYER_INDEXED, _LAYER_PER_ROW = 0, 1, 2  # how `_cond_kernel` finds a row's layer embedding
 
 
 def _gemm_config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
@@ -72,7 +76,7 @@ def _gemm_config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.C
 # timestep loop and the residual epilogue spill 100-400 B per thread at 128x256 on sm_90), so autotuning
 # can trade tile size against spills. Few configs on purpose: each is compiled per epilogue variant on
 # first use (~1 s each for bf16 on sm_90). The last entry of each list is the one an fp32 field gets
-# (`_fp32_prune`): its operands take twice the shared memory, and each fp32 variant takes ~20 s to compile.
+# (`_prune`): its operands take twice the shared memory, and each fp32 variant takes ~20 s to compile.
 _GEMM_CONFIGS = [
     _gemm_config(128, 256, 64, 8, 3),
     _gemm_config(128, 128, 64, 8, 4),
@@ -92,14 +96,18 @@ _SCORE_CONFIGS = [
 ]
 
 
-def _fp32_prune(configs: list, named_args: dict, **kwargs) -> list:
-    """Autotune only the last config for an fp32 field (see above); every config for 16-bit fields."""
-    return configs[-1:] if named_args["w_ptr"].dtype == torch.float32 else configs
+def _prune(configs: list, named_args: dict, **kwargs) -> list:
+    """The configs autotuning may time: only the last for an fp32 field (see above); for 16-bit fields all of
+    them, or only the first when configs are pinned (`_triton.pinned_configs`). A single config is used
+    without timing, so every process and rank runs the same tiles, hence the same summation order."""
+    if named_args["w_ptr"].dtype == torch.float32:
+        return configs[-1:]
+    return configs[:1] if _triton.pinned_configs() else configs
 
 
 def _autotune(configs: list, key: list, **kwargs):
     return triton.autotune(configs=prune_configs(configs), key=key,
-                           prune_configs_by={"early_config_prune": _fp32_prune}, **kwargs)
+                           prune_configs_by={"early_config_prune": _prune}, **kwargs)
 
 
 # --------------------------------------------------------------------------- shared device helpers
@@ -215,9 +223,11 @@ def _store_slot_sums(part_ptr, x, rm, pid_n, M, n_slots, BM: tl.constexpr, BN: t
 # x_t; ALU ≈ 40 ops per element for Philox-4x32-10 + Box–Muller (one call per four columns).
 # 1.5B shape (N = 196,608, D = 1536, J = 1, bf16): 1.2 GB -> floor 0.29 ms at 4.2 TB/s; ALU ~0.4 ms on
 # the CUDA cores; the two overlap.
-@triton.jit(do_not_specialize=["row0", "seed"])
+# Largest offset: j·stride_nj + r·stride_nr + c into a supplied [J, N, D] noise (≥ 2**31 once J·N·D does), so
+# j, r and the products are int64; out's (j·n_tok + r)·D likewise.
+@triton.jit(do_not_specialize=["row0"])
 def _interpolate_kernel(x1_ptr, stride_x1, noise_ptr, stride_nj, stride_nr, out_ptr, tau_ptr, omt_ptr,
-                        n_tok, D, J, row0, seed, QD,
+                        n_tok, D, J, row0, seed_ptr, QD,
                         HAS_NOISE: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
     """out[j·n_tok + r] = τ_j · x1[r] + (1 - τ_j) · ε_j[r], in the field dtype (x1, noise: this chunk's rows)."""
     DT: tl.constexpr = out_ptr.dtype.element_ty
@@ -229,47 +239,57 @@ def _interpolate_kernel(x1_ptr, stride_x1, noise_ptr, stride_nj, stride_nr, out_
     if HAS_NOISE:
         eps = tl.zeros((BM, BD), dtype=tl.float32)  # loaded per timestep below
     else:
-        eps = _normal_tile(seed, row0 + r64, tl.program_id(1) * BD, QD, BM, BD)
+        eps = _normal_tile(tl.load(seed_ptr), row0 + r64, tl.program_id(1) * BD, QD, BM, BD)
     for j in range(J):
+        j64 = tl.full((), j, tl.int64)
         if HAS_NOISE:
-            eps = tl.load(noise_ptr + j * stride_nj + r64[:, None] * stride_nr + c[None, :],
+            eps = tl.load(noise_ptr + j64 * stride_nj + r64[:, None] * stride_nr + c[None, :],
                           mask=mask, other=0.0).to(tl.float32)
         tau = tl.load(tau_ptr + j)
         omt = tl.load(omt_ptr + j)
         x_t = tau * x1 + omt * eps
-        tl.store(out_ptr + (j * n_tok + r64)[:, None] * D + c[None, :], x_t.to(DT), mask=mask)
+        tl.store(out_ptr + (j64 * n_tok + r64)[:, None] * D + c[None, :], x_t.to(DT), mask=mask)
 
 
 # GEMM [n, W] x [W, W]^T once per token (not per timestep): 2·n·W² FLOPs; bytes ≈ n·W·e_c (cond) + W²·e
 # + J·n·W·e (SiLU(y) for every timestep) + n·W·e per extra gather of the layer embedding (L2-resident).
 # 1.5B shape: 0.93 TFLOP -> 1.19 ms at 781 TFLOP/s vs 1.2 GB -> 0.29 ms: compute-bound, floor 1.19 ms.
+# Largest offset: (j·n_tok + r)·N into s (J·n·W, int64); rows of c and lemb are int64 too.
 @_autotune(_GEMM_CONFIGS, key=["N", "K"])
 @triton.jit
 def _cond_kernel(c_ptr, stride_c, w_ptr, b_ptr, lemb_ptr, idx_ptr, temb_ptr, s_ptr, n_tok, N, K, J,
-                 HAS_IDX: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                 LAYER: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """s[j·n_tok + r] = SiLU(cond_embed(c[r]) + temb[j] + lemb[idx[r]]) for every timestep j."""
+    """s[j·n_tok + r] = SiLU((lemb[row r's entry] + cond_embed(c[r])) + temb[j]) for every timestep j.
+
+    LAYER: 0 one shared lemb row, 1 row ``idx[r]`` of a table, 2 row r (one embedding per row).
+    """
     DT: tl.constexpr = s_ptr.dtype.element_ty
     _, rm, rn, row_ok, col_ok, acc, _, _ = _gemm_tile(c_ptr, stride_c, w_ptr, n_tok, N, K, 1, PREC, UPCAST,
                                                       BM, BN, BK, GROUP_M)
     mask = row_ok[:, None] & col_ok[None, :]
-    # ce and le stay in the field dtype across the timestep loop (they are rounded to it anyway): half the registers
+    # lemb + cond_embed(c) is summed once, in the reference's (and the released module's) order, and kept in the
+    # field dtype across the timestep loop (it is rounded to it anyway): half the registers
     ce = _plus_bias(acc, b_ptr, rn, col_ok).to(DT)
-    if HAS_IDX:
+    if LAYER == 1:
         li = tl.load(idx_ptr + rm, mask=row_ok, other=0).to(tl.int64)
+    elif LAYER == 2:
+        li = rm.to(tl.int64)
     else:
         li = tl.zeros((BM,), dtype=tl.int64)
     le = tl.load(lemb_ptr + li[:, None] * N + rn[None, :], mask=mask, other=0.0)
+    lc = (le.to(tl.float32) + ce.to(tl.float32)).to(DT)
     for j in range(J):
         te = tl.load(temb_ptr + j * N + rn, mask=col_ok, other=0.0).to(tl.float32)
-        y = _rnd(_rnd(ce.to(tl.float32) + te[None, :], DT) + le.to(tl.float32), DT)
-        out = s_ptr + (j * n_tok + rm.to(tl.int64))[:, None] * N + rn[None, :]
+        y = _rnd(lc.to(tl.float32) + te[None, :], DT)
+        out = s_ptr + (tl.full((), j, tl.int64) * n_tok + rm.to(tl.int64))[:, None] * N + rn[None, :]
         tl.store(out, _silu(y).to(DT), mask=mask)
 
 
 # GEMM [M, W] x [W, W]^T, M = J·n: 2·M·W² FLOPs; bytes ≈ 2·M·W·e (A, out) + W²·e, plus 2·M·W·e for
 # RESID (a and gate) and M·W/16 for the RMS partials. 1.5B shape: 0.93 TFLOP -> 1.19 ms at 781 TFLOP/s
 # vs ≤ 2.4 GB -> 0.58 ms: compute-bound, floor 1.19 ms per call (K=4: 9 calls).
+# Largest offset: M·N into a, out, res, gate (J·n·W); row offsets are int64 (`_mainloop`, `offs`).
 @_autotune(_GEMM_CONFIGS, key=["N", "K", "EPI"], restore_value=["res_ptr"])
 @triton.jit
 def _linear_kernel(a_ptr, w_ptr, b_ptr, out_ptr, res_ptr, gate_ptr, part_ptr, M, N, K, n_slots,
@@ -300,6 +320,7 @@ def _linear_kernel(a_ptr, w_ptr, b_ptr, out_ptr, res_ptr, gate_ptr, part_ptr, M,
 # adaLN GEMM [M, W] x [W, N_ACC·W]^T: 2·N_ACC·M·W² FLOPs; bytes ≈ M·W·e (SiLU(y)) + M·W·e (a) + M·W·e (h)
 # [+ M·W·e gate] + N_ACC·W²·e. 1.5B shape, block (N_ACC 3): 2.78 TFLOP -> 3.56 ms vs 2.4 GB -> 0.58 ms;
 # final (N_ACC 2): 1.86 TFLOP -> 2.38 ms. Compute-bound; shift/scale never reach memory.
+# Largest offset: M·N into s, a, h, gate (int64 rows); 3·N·K into w (the adaLN weight, < 2**31 for W < 26,000).
 @_autotune(_MODULATE_CONFIGS, key=["N", "K", "N_ACC"])
 @triton.jit
 def _modulate_kernel(s_ptr, w_ptr, b_ptr, a_ptr, lnw_ptr, part_ptr, h_ptr, gate_ptr, M, N, K, n_slots, eps,
@@ -333,10 +354,11 @@ def _modulate_kernel(s_ptr, w_ptr, b_ptr, a_ptr, lnw_ptr, part_ptr, h_ptr, gate_
 # Output GEMM [M, W] x [D, W]^T with the loss epilogue: 2·M·W·D FLOPs; bytes ≈ M·W·e (h) + n·D·e_in (x1,
 # shared by the J timestep rows, L2-resident) [+ ε when supplied] + M·D/16 (partials); ALU ≈ 40 ops per
 # element to regenerate ε. 1.5B shape: 0.93 TFLOP -> 1.19 ms vs 1.2 GB -> 0.29 ms: compute-bound.
+# Largest offset: j·stride_nj + tok·stride_nr + c into a supplied [J, N, D] noise: int64, like every row offset.
 @_autotune(_SCORE_CONFIGS, key=["N", "K"])
-@triton.jit(do_not_specialize=["row0", "seed"])
+@triton.jit(do_not_specialize=["row0"])
 def _score_kernel(h_ptr, w_ptr, b_ptr, x1_ptr, stride_x1, noise_ptr, stride_nj, stride_nr, weight_ptr, part_ptr,
-                  M, n_tok, N, K, n_slots, row0, seed, QD,
+                  M, n_tok, N, K, n_slots, row0, seed_ptr, QD,
                   HAS_NOISE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """part[j·n_tok + r, s] = weight_j · Σ_{c in slot s} (v - (x1 - ε))², v = h @ w^T + b in the field dtype."""
@@ -352,7 +374,7 @@ def _score_kernel(h_ptr, w_ptr, b_ptr, x1_ptr, stride_x1, noise_ptr, stride_nj, 
         eps = tl.load(noise_ptr + j[:, None].to(tl.int64) * stride_nj + tok[:, None] * stride_nr + rn[None, :],
                       mask=mask, other=0.0).to(tl.float32)
     else:
-        eps = _normal_tile(seed, row0 + tok, pid_n * BN, QD, BM, BN)
+        eps = _normal_tile(tl.load(seed_ptr), row0 + tok, pid_n * BN, QD, BM, BN)
     diff = v.to(tl.float32) - (x1 - eps)
     weight = tl.load(weight_ptr + j, mask=row_ok, other=0.0)
     _store_slot_sums(part_ptr, tl.where(mask, diff * diff, 0.0) * weight[:, None], rm, pid_n, M, n_slots, BM, BN)
@@ -371,12 +393,6 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
 def _precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: IEEE fp32 for fp32 fields (as cuBLAS without TF32), the default otherwise."""
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _draw_seed(generator: Optional[torch.Generator]) -> int:
-    """The Philox seed of a call, drawn from `generator` (the global CPU generator when None)."""
-    device = generator.device if generator is not None else torch.device("cpu")
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
 
 
 def _chunk_bounds(n_tok: int, n_timesteps: int, width: int, itemsize: int) -> list[int]:
@@ -399,7 +415,7 @@ def _noise_args(noise: Optional[torch.Tensor], placeholder: torch.Tensor) -> tup
 
 
 def _interpolate(out: torch.Tensor, x1: torch.Tensor, noise: Optional[torch.Tensor], taus: torch.Tensor,
-                 omts: torch.Tensor, row0: int, seed: int) -> None:
+                 omts: torch.Tensor, row0: int, seed: torch.Tensor) -> None:
     """Launch `_interpolate_kernel` over the [n, D] rows `x1` (noise: [n, D] or [J, n, D] or None)."""
     n, d = x1.shape[0], out.shape[-1]
     noise_arg, stride_nj, stride_nr = _noise_args(noise, x1)
@@ -410,11 +426,13 @@ def _interpolate(out: torch.Tensor, x1: torch.Tensor, noise: Optional[torch.Tens
                               HAS_NOISE=noise is not None, BM=bm, BD=bd, num_warps=4)
 
 
-def seeded_noise(seed: int, n: int, dim: int, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+def seeded_noise(seed: Union[int, torch.Tensor], n: int, dim: int, device: Union[str, torch.device] = "cpu"
+                 ) -> torch.Tensor:
     """The ε [n, dim] fp32 that the seeded Triton scoring pass draws for token rows 0..n-1 with `seed`.
 
     With ``noise=None`` the kernels use exactly this ε (row r of the call's stacked rows), so
     ``flow_scores(..., noise=seeded_noise(seed, n, D))`` on any backend reproduces the seeded scores.
+    `seed` is a Philox key in [0, 2**62): an int, or the 1-element int64 tensor a call draws (`draw_seed`).
     """
     device = torch.device(device)
     reason = why_unavailable(device)
@@ -422,28 +440,46 @@ def seeded_noise(seed: int, n: int, dim: int, device: Union[str, torch.device] =
         raise RuntimeError(f"seeded_noise: {reason}")
     out = torch.empty(n, dim, dtype=torch.float32, device=device)
     if n:
+        if isinstance(seed, torch.Tensor):
+            key = seed.reshape(1).to(device=device, dtype=torch.int64)
+        else:
+            key = torch.full((1,), int(seed), dtype=torch.int64, device=device)
         zeros = torch.zeros(dim, dtype=torch.float32, device=device)
         x1 = zeros.expand(n, dim)  # row stride 0: reads stay inside `zeros`
         taus = torch.zeros(1, dtype=torch.float32, device=device)
-        _interpolate(out, x1, None, taus, torch.ones_like(taus), 0, int(seed))
+        with _triton.device_guard(device):
+            _interpolate(out, x1, None, taus, torch.ones_like(taus), 0, key)
     return out
 
 
-def _layer_tables(field: VelocityField, layer: Union[float, torch.Tensor]
-                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(embedding of each distinct layer value [U, W], per-row index into it [N] int32 or None)."""
-    weight = field.layer_embed.mlp[0].weight
-    if not isinstance(layer, torch.Tensor):
-        table = field.layer_embed.embed_values(torch.tensor([layer], dtype=torch.float32, device=weight.device))
-        return table.contiguous(), None
-    distinct, inverse = torch.unique(layer, return_inverse=True)
-    return field.layer_embed.embed_values(distinct).contiguous(), inverse.to(torch.int32)
+def _layer_table(field: VelocityField, layer: Union[float, torch.Tensor, LayerRows], device: torch.device
+                 ) -> tuple[int, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(`_cond_kernel`'s LAYER mode, the embedding table [U, W] or None, the per-row index [N] int32 or None).
+
+    A float is embedded once; a `LayerRows` table once per distinct value; an [N] tensor gets one embedding
+    per row, per chunk (finding its distinct values would need ``torch.unique``, a host sync).
+    """
+    if isinstance(layer, LayerRows):
+        return _LAYER_INDEXED, field.layer_embed.embed_values(layer.values).contiguous(), layer.index.to(torch.int32)
+    if isinstance(layer, torch.Tensor):
+        return _LAYER_PER_ROW, None, None
+    value = torch.full((1,), float(layer), dtype=torch.float32, device=device)  # a fill: no host-to-device copy
+    return _LAYER_SHARED, field.layer_embed.embed_values(value).contiguous(), None
 
 
 def _flow_scores_triton(field: VelocityField, target: torch.Tensor, cond: torch.Tensor,
-                        layer: Union[float, torch.Tensor], timesteps: tuple[float, ...],
+                        layer: Union[float, torch.Tensor, LayerRows], timesteps: tuple[float, ...],
                         noise: Optional[torch.Tensor], generator: Optional[torch.Generator]) -> torch.Tensor:
     """The `flow_scores` backend: fused Triton scoring of [N, D] rows (see the module docstring)."""
+    with _triton.device_guard(target.device):
+        return _score_launches(field, target, cond, layer, timesteps, noise, generator)
+
+
+def _score_launches(field: VelocityField, target: torch.Tensor, cond: torch.Tensor,
+                    layer: Union[float, torch.Tensor, LayerRows], timesteps: tuple[float, ...],
+                    noise: Optional[torch.Tensor], generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Every launch of one scoring call (run inside `_triton.device_guard`). No host sync: the Philox key is
+    drawn on the device and the per-timestep constants reach it through pinned memory."""
     device = target.device
     n_tok, width = target.shape
     n_t = len(timesteps)
@@ -453,16 +489,16 @@ def _flow_scores_triton(field: VelocityField, target: torch.Tensor, cond: torch.
         return scores
     target, cond = _unit_stride(target), _unit_stride(cond)
     noise = None if noise is None else _unit_stride(noise)
-    seed = _draw_seed(generator) if noise is None else 0
+    seed = _triton.draw_seed(generator, device) if noise is None else scores  # scores: a never-read placeholder
 
-    taus = torch.tensor(timesteps, dtype=torch.float32, device=device)
-    omts = torch.tensor([1.0 - t for t in timesteps], dtype=torch.float32, device=device)
-    weights = torch.tensor([t / (1.0 - t) / (n_t * width) for t in timesteps], dtype=torch.float32, device=device)
+    consts = small_tensor([*timesteps, *(1.0 - t for t in timesteps),
+                           *(t / (1.0 - t) / (n_t * width) for t in timesteps)], device)
+    taus, omts, weights = consts.view(3, n_t)
     temb = field.time_embed.embed_values(taus).contiguous()
-    lemb, layer_idx = _layer_tables(field, layer)
+    layer_mode, lemb, layer_idx = _layer_table(field, layer, device)
 
     n_slots = triton.cdiv(width, _SLOT)
-    consts = dict(PREC=_precision(dtype), UPCAST=interpreting())
+    flags = dict(PREC=_precision(dtype), UPCAST=interpreting())
     bounds = _chunk_bounds(n_tok, n_t, width, torch.finfo(dtype).bits // 8)
     chunk = max(end - start for start, end in zip(bounds, bounds[1:]))
     silu_y, resid, gate, hid, mlp = torch.empty((_N_BUFFERS, n_t * chunk, width), dtype=dtype, device=device)
@@ -471,12 +507,12 @@ def _flow_scores_triton(field: VelocityField, target: torch.Tensor, cond: torch.
 
     def linear(a: torch.Tensor, lin: torch.nn.Linear, out: torch.Tensor, epi: int, rows: int) -> None:
         _linear_kernel[_grid(rows, width)](a, lin.weight.contiguous(), lin.bias, out, resid, gate, part,
-                                           rows, width, width, n_slots, EPI=epi, **consts)
+                                           rows, width, width, n_slots, EPI=epi, **flags)
 
     def modulate(ada: torch.nn.Linear, norm: torch.nn.Module, n_acc: int, rows: int) -> None:
         _modulate_kernel[_grid(rows, width)](silu_y, ada.weight.contiguous(), ada.bias, resid, norm.weight, part,
                                              hid, gate, rows, width, width, n_slots, float(norm.eps),
-                                             N_ACC=n_acc, SLOTS_P2=triton.next_power_of_2(n_slots), **consts)
+                                             N_ACC=n_acc, SLOTS_P2=triton.next_power_of_2(n_slots), **flags)
 
     for row0, end in zip(bounds, bounds[1:]):
         n = end - row0
@@ -484,10 +520,11 @@ def _flow_scores_triton(field: VelocityField, target: torch.Tensor, cond: torch.
         x1 = target[row0:row0 + n]
         eps = None if noise is None else noise[..., row0:row0 + n, :]
         idx = None if layer_idx is None else layer_idx[row0:row0 + n]
+        table = field.layer_embed.embed_values(layer[row0:row0 + n]) if layer_mode == _LAYER_PER_ROW else lemb
         _interpolate(hid, x1, eps, taus, omts, row0, seed)
         _cond_kernel[_grid(n, width)](cond[row0:row0 + n], cond.stride(0), field.cond_embed.weight.contiguous(),
-                                      field.cond_embed.bias, lemb, idx if idx is not None else lemb, temb, silu_y,
-                                      n, width, width, n_t, HAS_IDX=idx is not None, **consts)
+                                      field.cond_embed.bias, table, idx if idx is not None else table, temb, silu_y,
+                                      n, width, width, n_t, LAYER=layer_mode, **flags)
         linear(hid, field.input_proj, resid, _EPI_RMS, rows)
         for block in field.res_blocks:
             modulate(block.adaLN_modulation[1], block.in_ln, 3, rows)
@@ -498,7 +535,7 @@ def _flow_scores_triton(field: VelocityField, target: torch.Tensor, cond: torch.
         _score_kernel[_grid(rows, width)](hid, final.linear.weight.contiguous(), final.linear.bias, x1, x1.stride(0),
                                           noise_arg, stride_nj, stride_nr, weights, part, rows, n, width, width,
                                           n_slots, row0, seed, triton.cdiv(width, 4), HAS_NOISE=eps is not None,
-                                          **consts)
+                                          **flags)
         scores[row0:row0 + n] = part[:rows].view(n_t, n, n_slots).sum(dim=(0, 2))
     return scores
 
