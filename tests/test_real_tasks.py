@@ -31,7 +31,7 @@ def test_config_checks_task_and_model():
         tiny_config(task="reasoning_gym:chain_sum").validate()
     with pytest.raises(ConfigError, match="--task must be"):
         tiny_config(task="nope").validate()
-    with pytest.raises(ConfigError, match="neither a registered model"):
+    with pytest.raises(ConfigError, match="no such local HF model directory.*registered model"):
         tiny_config(model="no/such/dir").validate()
     tiny_config(model="smollm2-135m", task="reasoning_gym:chain_sum").validate()  # a name needs no download here
 

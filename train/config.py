@@ -165,9 +165,9 @@ class TrainConfig:
         if self.model is not None and self.model not in MODELS:
             path = Path(self.model)
             if not (path.suffix == ".gguf" and path.is_file()) and not (path / "config.json").is_file():
-                raise ConfigError(f"--model {self.model}: neither a registered model ({', '.join(MODELS)}), a .gguf "
-                                  f"file nor a local HF model directory with config.json; runs are offline, so hub "
-                                  f"names cannot be downloaded")
+                raise ConfigError(f"--model {self.model}: no such local HF model directory (expected config.json "
+                                  f"inside), .gguf file or registered model ({', '.join(MODELS)}); runs are offline, "
+                                  f"so hub names cannot be downloaded")
         try:
             task = parse_task(self.task, self.task_options)
         except ValueError as exc:
