@@ -117,7 +117,7 @@ def test_two_rl_steps_on_reasoning_gym(smollm2, tmp_path):
     cfg = tiny_config(model=NAME, task="reasoning_gym:chain_sum", task_options="min_terms=2,max_terms=2,max_digits=1",
                       sft_steps=0, flow_harvest=6, group_size=2, batch_size=4, temperature=0.5, flow_steps=2,
                       flow_batch=4, rl_steps=2, rl_warmup=1, rl_lr=1e-6, max_new_tokens=10, n_train=12, n_heldout=2,
-                      pass_k=1, report_rollouts=1, out=str(tmp_path))
+                      pass_k=2, report_rollouts=1, out=str(tmp_path))
     summary = run_pipeline(cfg)
     assert summary["flow_harvest"]["correct"] >= 1
     traces = (tmp_path / "flow_traces.jsonl").read_text().splitlines()

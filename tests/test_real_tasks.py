@@ -33,6 +33,8 @@ def test_config_checks_task_and_model():
         tiny_config(task="nope").validate()
     with pytest.raises(ConfigError, match="no such local HF model directory.*registered model"):
         tiny_config(model="no/such/dir").validate()
+    with pytest.raises(ConfigError, match="--pass-k must be at least 2"):
+        tiny_config(pass_k=1).validate()
     tiny_config(model="smollm2-135m", task="reasoning_gym:chain_sum").validate()  # a name needs no download here
 
 

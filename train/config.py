@@ -138,6 +138,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a non-negative integer; got {value!r}")
+        if self.pass_k < 2:
+            raise ConfigError(f"--pass-k must be at least 2 (pass@1 is the greedy score; k=1 would overwrite it with "
+                              f"a sampled one); got {self.pass_k}")
         if self.batch_size % self.group_size:
             raise ConfigError(f"--group-size {self.group_size} does not divide --batch-size {self.batch_size}: "
                               f"each GRPO group needs all its {self.group_size} samples in the batch")
