@@ -1,4 +1,8 @@
-"""Scoring benchmark: eager torch, torch.compile of it, the bare GEMM chain, and the Triton backend.
+"""Scoring benchmark: eager torch, torch.compile of it, the bare GEMM chains, and the Triton backend's routes.
+
+Rows: the bf16 GEMM chain; "triton" (the route `auto` takes, `flowkern.ops.scores_gemm.score_route`),
+"triton fused" and "triton gemm-route" (both 16-bit routes side by side), "fp8" (`precision="fp8"`) and
+"fp8 GEMM chain (_scaled_mm)" (its floor; fp8 rows need compute capability >= 8.9), torch eager, torch.compile.
 
 Usage:
     python benchmarks/bench_scores.py --device cuda     # the 1.5B and 7B shapes of DESIGN.md §4, bf16
@@ -139,6 +143,38 @@ def gemm_chain(field, x1, cond, n_timesteps: int) -> Callable[[], None]:
     return run
 
 
+def fp8_gemm_chain(field, x1, cond, n_timesteps: int) -> Callable[[], None]:
+    """The fp8 floor: `gemm_chain`'s GEMMs as ``torch._scaled_mm`` on e4m3 operands with row-wise scales (weights
+    per output channel, activations per row), fp32 accumulation, bf16 out; no bias, no quantisation pass."""
+    import torch
+
+    from flowkern.ops.scores_fp8 import quantize_rows
+
+    rows, width = x1.shape[0] * n_timesteps, field.dim
+    act = [quantize_rows(torch.randn(m, width, device=x1.device)) for m in (cond.shape[0], rows)]
+    weights = {name: quantize_rows(p.detach()) for name, p in field.named_parameters() if name.endswith("weight")
+               and p.dim() == 2 and p.shape[1] == width}
+    outs = {n: torch.empty(m, n * width, dtype=torch.bfloat16, device=x1.device)
+            for m, n in ((rows, 1), (rows, 3), (rows, 2))}
+    y = torch.empty(cond.shape[0], width, dtype=torch.bfloat16, device=x1.device)
+
+    def mm(a, name: str, out) -> None:
+        (q, qs), (w, ws) = a, weights[name + ".weight"]
+        torch._scaled_mm(q, w.t(), scale_a=qs, scale_b=ws.t(), out_dtype=torch.bfloat16, out=out)
+
+    def run() -> None:
+        mm(act[0], "cond_embed", y)
+        mm(act[1], "input_proj", outs[1])
+        for i in range(field.depth):
+            mm(act[1], f"res_blocks.{i}.adaLN_modulation.1", outs[3])
+            mm(act[1], f"res_blocks.{i}.mlp.0", outs[1])
+            mm(act[1], f"res_blocks.{i}.mlp.2", outs[1])
+        mm(act[1], "final_layer.adaLN_modulation.1", outs[2])
+        mm(act[1], "final_layer.linear", outs[1])
+
+    return run
+
+
 def bench_shape(shape: Shape, device, peak_tflops: float, rows_of: str = "all") -> Iterator[dict]:
     """Yield one row per implementation as it is measured: GEMM chain, triton, torch eager (rows_of "main"),
     then torch.compile (rows_of "compile"); "all" yields both. The GEMM chain is always measured: every row's
@@ -150,6 +186,7 @@ def bench_shape(shape: Shape, device, peak_tflops: float, rows_of: str = "all") 
     from flowkern.backend import resolve
     from flowkern.flow import LayerRows, _flow_scores_torch, score_rows
     from flowkern.ops._triton import draw_seed
+    from flowkern.ops import scores, scores_fp8, scores_gemm
     from flowkern.ops.scores import seeded_noise
 
     on_gpu = device.type == "cuda"
@@ -169,18 +206,28 @@ def bench_shape(shape: Shape, device, peak_tflops: float, rows_of: str = "all") 
     # The triton row times the scoring call flow_reward makes: the layers as a table (each embedded once).
     table = LayerRows(layer[::shape.tokens].contiguous(),
                       torch.arange(shape.layers, device=device).repeat_interleave(shape.tokens))
-    triton_fn = resolve("flow_scores", "triton", device)[1]
+    triton_fn = resolve("flow_scores", "triton", device)[1]  # the route `auto` takes (scores_gemm.score_route)
+    fp8_ok = not on_gpu or torch.cuda.get_device_capability(device) >= scores_fp8.MIN_CAPABILITY
 
     def fused(generator=None) -> torch.Tensor:
-        return score_rows(triton_fn, field, x1, cond, table, TIMESTEPS, None, generator)
+        return score_rows(scores._flow_scores_triton, field, x1, cond, table, TIMESTEPS, None, generator)
+
+    def gemm_route(generator=None, fp8: bool = False) -> torch.Tensor:
+        return scores_gemm.gemm_route_scores(field, x1, cond, table, TIMESTEPS, None, generator, fp8=fp8)
 
     # Parity first (a wrong kernel is not worth timing), in the timed seeded mode: the torch reference gets
     # exactly the ε that the Triton kernels draw in-kernel for this generator seed.
     ref = flow_scores(field, x1, cond, layer, timesteps=TIMESTEPS, backend="torch",
                       noise=seeded_noise(draw_seed(torch.Generator(device=device).manual_seed(1), device), n,
                                          shape.dim, device))
-    got = fused(torch.Generator(device=device).manual_seed(1))
-    rel_err = float((got - ref).norm() / ref.norm())
+    rel_err = {}
+    for name, fn in (("triton", triton_fn), ("triton fused", fused), ("triton gemm-route", gemm_route),
+                     ("fp8", lambda g: gemm_route(g, fp8=True))):
+        if name == "fp8" and not fp8_ok:
+            continue
+        got = fn(torch.Generator(device=device).manual_seed(1)) if name != "triton" else score_rows(
+            triton_fn, field, x1, cond, table, TIMESTEPS, None, torch.Generator(device=device).manual_seed(1))
+        rel_err[name] = float((got - ref).norm() / ref.norm())
     del ref, got
 
     def scored(backend: str) -> Callable[[], object]:
@@ -189,7 +236,14 @@ def bench_shape(shape: Shape, device, peak_tflops: float, rows_of: str = "all") 
     chain = ("GEMM chain (cuBLAS)" if on_gpu else "GEMM chain (torch.mm)", gemm_chain(field, x1, cond, len(TIMESTEPS)))
     candidates: list[tuple[str, Callable[[], object]]] = [chain]
     if rows_of in ("main", "all"):
-        candidates += [("triton", fused), ("torch eager", scored("torch"))]
+        candidates += [("triton", lambda: score_rows(triton_fn, field, x1, cond, table, TIMESTEPS, None, None)),
+                       ("triton fused", fused), ("triton gemm-route", gemm_route)]
+        if fp8_ok:
+            candidates += [("fp8", lambda: gemm_route(fp8=True)),
+                           ("fp8 GEMM chain (_scaled_mm)", fp8_gemm_chain(field, x1, cond, len(TIMESTEPS)))]
+        else:
+            print(f"  fp8 rows skipped: compute capability {torch.cuda.get_device_capability(device)} < 8.9")
+        candidates.append(("torch eager", scored("torch")))
     if rows_of in ("compile", "all"):
         # On CPU, inductor's C++ build alone takes most of a minute: trace with dynamo, run eagerly.
         compiled = torch.compile(_flow_scores_torch, backend="inductor" if on_gpu else "aot_eager")
@@ -211,7 +265,7 @@ def bench_shape(shape: Shape, device, peak_tflops: float, rows_of: str = "all") 
         yield {"shape": shape.name, "dtype": str(dtype).removeprefix("torch."), "impl": name,
                "ms": ms, "TFLOP/s": tflops, "% peak": 100.0 * tflops / peak_tflops,
                "extra GiB": extra / 2**30, "x chain": ms / chain_ms,
-               "rel err": rel_err if name == "triton" else float("nan"), "GFLOP": flops / 1e9}
+               "rel err": rel_err.get(name, float("nan")), "GFLOP": flops / 1e9}
 
 
 if __name__ == "__main__":

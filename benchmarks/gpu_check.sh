@@ -52,8 +52,8 @@ add() { plan+=("$1|$2|$3"); }
 add install 100 0
 add versions 15 0
 add cuda-tests 110 0
-add scores-7B 35 0
-add scores-1.5B 30 0
+add scores-7B 50 0
+add scores-1.5B 40 0
 add train-7B 30 0
 add train-1.5B 25 0
 add shaping 25 0

@@ -154,10 +154,10 @@ class _Recorder:
 
 def flowkern_kernels() -> set[str]:
     """Names of every Triton kernel defined in flowkern's op modules."""
-    from flowkern.ops import fm_loss_kernels, scores
+    from flowkern.ops import fm_loss_kernels, scores, scores_gemm
 
     names = set()
-    for module in (scores, fm_loss_kernels):
+    for module in (scores, fm_loss_kernels, scores_gemm):
         for value in vars(module).values():
             fn = value.fn if isinstance(value, Autotuner) else value
             if isinstance(fn, JITFunction) and fn.__name__.endswith("_kernel"):
@@ -165,10 +165,11 @@ def flowkern_kernels() -> set[str]:
     return names
 
 
-def drive_launchers(dtype: torch.dtype, width: int = 192, tokens: int = 256) -> None:
-    """Call the Triton launchers once per kernel variant family on small CPU tensors."""
+def drive_launchers(dtype: torch.dtype, width: int = 192, tokens: int = 256, arch: int = 90) -> None:
+    """Call the Triton launchers once per kernel variant family on small CPU tensors (the fp8 row kernels from
+    sm_89 on: below, `precision="fp8"` refuses to run)."""
     from flowkern.field import VelocityField
-    from flowkern.ops import fm_loss, fm_loss_kernels, scores
+    from flowkern.ops import fm_loss, fm_loss_kernels, scores, scores_gemm
 
     torch.manual_seed(0)
     field = VelocityField(dim=width, depth=2).to(dtype)
@@ -181,6 +182,11 @@ def drive_launchers(dtype: torch.dtype, width: int = 192, tokens: int = 256) -> 
     gpu_tiling = fm_loss_kernels.row_tiling
     fm_loss_kernels.row_tiling = lambda rows, w, device: fm_loss_kernels.gpu_row_tiling(rows, w, SM_COUNT)
     try:
+        # the GEMM route's row kernels (its GEMMs run as torch ops on the CPU tensors): 16-bit, then fp8
+        scores_gemm.gemm_route_scores(field, target, cond, layers, (0.6, 0.8), None, None, triton_rows=True)
+        if arch >= 89:
+            scores_gemm.gemm_route_scores(field.float(), target, cond, 0.5, (0.8,), torch.randn(tokens, width), None,
+                                          fp8=True, raw="fp8", triton_rows=True)
         weights = torch.ones(tokens)
         t = torch.rand(2, tokens)
         loss = fm_loss.flow_matching_loss_triton(field, target, cond, layers, weights, t, None, None)
@@ -206,7 +212,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     start = time.perf_counter()
     with _Recorder(args.arch) as recorder:
-        drive_launchers(DTYPES[args.dtype])
+        drive_launchers(DTYPES[args.dtype], arch=args.arch)
     missing = sorted(flowkern_kernels() - recorder.launched)
     rows = [{"arch": f"sm_{args.arch}", "dtype": args.dtype, **row} for row in recorder.rows]
     print_table(rows, title=f"flowkern Triton kernels compiled for sm_{args.arch}, {args.dtype} field, "

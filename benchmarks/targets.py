@@ -75,7 +75,35 @@ def scoring_checks(results: Path) -> tuple[list[Check], str]:
                             lambda v: v <= 0.5, " GiB"))
         checks.append(Check("3 scoring", f"{shape}: bf16 scores within 2e-2 relative error of torch",
                             _num(triton, "rel err"), lambda v: v <= 2e-2))
+    checks += fp8_checks(run)
     return checks, stamp
+
+
+# Issue 13 (fp8 scoring, and the GEMM route beside the fused one): fp8 time targets per shape.
+FP8_MS = {"1.5B": 25.0, "7B": 85.0}
+
+
+def fp8_checks(run: dict) -> list[Check]:
+    """fp8 under its time target and ≥ 1.6× the faster 16-bit route; that route ≤ 1.15× the GEMM chain; ≤ 0.5 GiB."""
+    checks = []
+    for shape in ("1.5B", "7B"):
+        fp8 = run.get((shape, "fp8"))
+        routes = [_num(run.get((shape, impl)), "ms") for impl in ("triton fused", "triton gemm-route")]
+        routes = [r for r in routes if r is not None]
+        best = min(routes) if routes else None
+        chain = _num(run.get((shape, "GEMM chain (cuBLAS)")), "ms")
+        ms = _num(fp8, "ms")
+        checks += [
+            Check("13 fp8", f"{shape}: fp8 scoring ≤ {FP8_MS[shape]:g} ms", ms, lambda v, t=FP8_MS[shape]: v <= t, " ms"),
+            Check("13 fp8", f"{shape}: fp8 ≥ 1.6× faster than the faster bf16 route", _ratio(best, ms),
+                  lambda v: v >= 1.6, "×"),
+            Check("13 fp8", f"{shape}: the faster bf16 route ≤ 1.15× the bf16 GEMM chain", _ratio(best, chain),
+                  lambda v: v <= 1.15, "×"),
+            Check("13 fp8", f"{shape}: fp8 and gemm-route peak extra memory ≤ 0.5 GiB",
+                  max((v for v in (_num(fp8, "extra GiB"), _num(run.get((shape, "triton gemm-route")), "extra GiB"))
+                       if v is not None), default=None), lambda v: v <= 0.5, " GiB"),
+        ]
+    return checks
 
 
 def training_checks(results: Path) -> tuple[list[Check], str]:

@@ -33,6 +33,8 @@ class FlowConfig:
         topk: number of tokens kept per sequence after the threshold (0 keeps all).
         coef: β; a kept token's reward is ``-β * s``.
         eps: RMSNorm epsilon of the velocity field.
+        score_precision: the precision `flow_reward` scores in unless told otherwise (`flowkern.flow.PRECISIONS`:
+            auto, fp32, bf16, fp16 or fp8).
     """
 
     hook_layers: tuple[float, ...] = (0.25, 0.5, 0.75)
@@ -45,6 +47,7 @@ class FlowConfig:
     topk: int = 15
     coef: float = 0.01
     eps: float = 1e-6
+    score_precision: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hook_layers", _float_tuple("hook_layers", self.hook_layers))
@@ -73,6 +76,9 @@ class FlowConfig:
                              "(it keeps topk // 2 per side); use 0 or >= 2")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
             raise ValueError(f"FlowConfig.eps must be a positive number, got {self.eps!r}")
+        from .flow import PRECISIONS  # flow imports this module
+        if self.score_precision not in PRECISIONS:
+            raise ValueError(f"FlowConfig.score_precision must be one of {PRECISIONS}, got {self.score_precision!r}")
 
     @property
     def two_sided(self) -> bool:

@@ -7,9 +7,10 @@ here is the reference that fused backends are tested against.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -21,8 +22,9 @@ from .field import VelocityField
 Scalar = Union[float, torch.Tensor]
 
 # The `precision` values of `flow_scores` / `flow_reward`, defined here only. "auto" is bf16 on CUDA for an fp32
-# field and the field's own dtype otherwise; a named precision scores through a copy of the field in that dtype.
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# field and the field's own dtype otherwise; a named precision scores through a copy of the field in that dtype;
+# "fp8" runs e4m3 GEMMs with row-wise scales (`flowkern.ops.scores_fp8`), never chosen by "auto".
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp8")
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -110,6 +112,8 @@ def check_precision(precision: str) -> None:
 def scoring_dtype(field: VelocityField, precision: str, device: torch.device) -> torch.dtype:
     """The dtype in which `flow_scores` evaluates `field` on `device` for a `precision` of `PRECISIONS`."""
     check_precision(precision)
+    if precision == "fp8":
+        return torch.bfloat16  # between the fp8 GEMMs: their output and the residual stream
     if precision != "auto":
         return PRECISION_DTYPES[precision]
     dtype = field.input_proj.weight.dtype
@@ -174,6 +178,21 @@ def cast_field(field: VelocityField, dtype: torch.dtype) -> VelocityField:
     return entry.field
 
 
+def scoring_call(backend_name: str, fn: Callable, field: VelocityField, precision: str, device: torch.device
+                 ) -> tuple[Callable, VelocityField]:
+    """The scoring function and the field to hand it for `precision`, given the resolved `flow_scores`
+    backend (`backend_name`, `fn`): a cast copy of the field for the dtype precisions; for ``"fp8"`` the
+    fp8 GEMM route (`flowkern.ops.scores_gemm.fp8_scores`) on the field itself, its row passes as Triton
+    kernels under the ``triton`` backend and as torch ops under ``torch``."""
+    if precision != "fp8":
+        return fn, cast_field(field, scoring_dtype(field, precision, device))
+    try:
+        from .ops import scores_gemm
+    except ImportError as exc:
+        raise RuntimeError(f"precision='fp8' needs triton installed (flowkern.ops.scores_gemm): {exc}") from None
+    return functools.partial(scores_gemm.fp8_scores, triton_rows=backend_name == "triton"), field
+
+
 def drop_cast_copies(field: VelocityField) -> None:
     """Forget the cached low-precision copies of `field` (see `cast_field`); the next call rebuilds them."""
     _CAST_COPIES.pop(field, None)
@@ -203,7 +222,9 @@ def flow_scores(field: VelocityField, target: torch.Tensor, cond: torch.Tensor, 
         precision: the dtype the field is evaluated in, one of `PRECISIONS`: "auto" (bf16 on CUDA for an
             fp32 field, the field's own dtype otherwise), "fp32", "bf16" or "fp16". Another dtype than the
             field's scores through a cached copy of its weights in that dtype (`cast_field`), refreshed
-            when the parameters change; every backend honours it.
+            when the parameters change; every backend honours it. "fp8": float8_e4m3fn GEMMs with per-channel
+            weight and per-row activation scales, fp32 accumulation (`flowkern.ops.scores_fp8`), on CPU
+            (``torch`` backend) and on CUDA GPUs with compute capability >= 8.9 (``triton``).
         check_finite: check that no score is NaN or Inf (a NaN/Inf in `target`, `cond`, `noise` or `layer`
             makes its token's score non-finite), naming the argument that held the bad value: one host sync
             on the [N] scores. False skips it, for callers that validate upstream: no host sync at all on the
@@ -224,9 +245,8 @@ def flow_scores(field: VelocityField, target: torch.Tensor, cond: torch.Tensor, 
         if tuple(noise.shape) not in ((n, field.dim), (len(taus), n, field.dim)):
             raise ValueError(f"noise must be [{n}, {field.dim}] or [{len(taus)}, {n}, {field.dim}], "
                              f"got {list(noise.shape)}")
-    _, fn = dispatch.resolve("flow_scores", backend, device)
-    scores = score_rows(fn, cast_field(field, scoring_dtype(field, precision, device)), target, cond, rows_layer,
-                        taus, noise, generator)
+    fn, scoring = scoring_call(*dispatch.resolve("flow_scores", backend, device), field, precision, device)
+    scores = score_rows(fn, scoring, target, cond, rows_layer, taus, noise, generator)
     if check_finite:
         _checks.finite_result("flow_scores", scores, target=target, cond=cond, noise=noise,
                               layer=layer if isinstance(layer, torch.Tensor) else None)

@@ -11,7 +11,7 @@ from . import backend as dispatch
 from ._device import small_tensor
 from .config import FlowConfig
 from .field import VelocityField
-from .flow import LayerRows, cast_field, check_precision, score_rows, scoring_dtype
+from .flow import LayerRows, check_precision, score_rows, scoring_call
 from .latents import check_latents, context_offset, pair_index, selected_pairs
 
 ADV_EPS = 1e-6  # added to the group std before dividing
@@ -22,7 +22,7 @@ SCORE_GATHER_BYTES = 128 * 2**20  # bound on flow_reward's gathered (target, con
 def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_mask: torch.Tensor,
                 config: FlowConfig, *, layer_fracs: Sequence[float],
                 noise: Optional[Sequence[torch.Tensor]] = None, generator: Optional[torch.Generator] = None,
-                backend: str = "auto", precision: str = "auto", check_finite: bool = True) -> torch.Tensor:
+                backend: str = "auto", precision: Optional[str] = None, check_finite: bool = True) -> torch.Tensor:
     """Shaped token rewards [B, T] fp32 from the policy latents of a rollout batch.
 
     Each latent is paired by ``config.context_mode``; every action token that has
@@ -46,13 +46,15 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
         backend: "auto", "torch", "triton" or "cuda". It selects the scoring backend and
             the shaping backend; a stage that has no such implementation uses "auto".
         precision: the dtype the field is scored in (`flow_scores`): "auto" (bf16 on CUDA for an fp32
-            field, the field's dtype otherwise), "fp32", "bf16" or "fp16".
+            field, the field's dtype otherwise), "fp32", "bf16", "fp16" or "fp8"; None (the default) takes
+            ``config.score_precision``.
         check_finite: check that the latents and noise hold no NaN or Inf where they are read (the scored
             tokens and their contexts); the error names the tensor. It reads each latent once on the device and
             costs no extra sync. False skips it, for callers that validate upstream.
     """
     if not isinstance(config, FlowConfig):
         raise TypeError(f"config must be a flowkern.FlowConfig, got {type(config).__name__}")
+    precision = config.score_precision if precision is None else precision
     check_precision(precision)
     latents, layer_fracs = check_latents(field, latents, layer_fracs, action_mask)
     B, T, D = latents[0].shape
@@ -66,7 +68,8 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
             _checks.shape(f"noise[{i}]", nz, (B, T, D))
             _checks.same_device(**{"latents[0]": latents[0], f"noise[{i}]": nz})
     score_backend, shape_backend = _stage_backends(backend)
-    _, score_fn = dispatch.resolve("flow_scores", score_backend, device)
+    score_fn, scoring = scoring_call(*dispatch.resolve("flow_scores", score_backend, device), field, precision,
+                                     device)
     _, shape_fn = dispatch.resolve("shape_rewards", shape_backend, device)
 
     selected = selected_pairs(action_mask, config, T)
@@ -79,7 +82,6 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
             if bool(_non_finite_read([tensor_and_cond], selected, offset)):
                 raise ValueError(f"{name} contains NaN or Inf values")
 
-    scoring = cast_field(field, scoring_dtype(field, precision, device))
     scores = torch.zeros(B, T, dtype=torch.float32, device=device)
     # The gathered copies are bounded: tokens are scored in near-equal chunks of at most SCORE_GATHER_BYTES of
     # copies (one chunk, hence one scoring call, unless the batch is large).

@@ -1,6 +1,8 @@
-"""Parity tolerances per dtype, in one place, for tests and benchmarks."""
+"""Parity tolerances per dtype and a CPU peak-memory probe, in one place, for tests and benchmarks."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -24,3 +26,24 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     """`torch.testing.assert_close` at the tolerance of `dtype`, comparing in fp32."""
     torch.testing.assert_close(actual.float(), expected.float(), **tolerance(dtype),
                                msg=(lambda m: f"{msg}: {m}") if msg else None)
+
+
+def peak_cpu_allocated_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes that torch's CPU allocator holds during `fn()` above what it held before.
+
+    torch's profiler with ``profile_memory=True`` reports every allocation and free of the
+    CPU allocator as a ``[memory]`` event carrying its signed size and its time; summing them
+    in time order gives the bytes allocated since the call began at each instant, and the
+    maximum is the peak. (``torch.cuda.max_memory_allocated`` is the GPU counterpart.)
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    now = peak = 0
+    for event in events:
+        now += event.nbytes()
+        peak = max(peak, now)
+    return peak

@@ -6,13 +6,14 @@ Skipped without trl, except under FLOWKERN_REQUIRE_INTEGRATIONS=1 (CI), where a 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import need, subprocess_env
+from helpers import need, random_field, subprocess_env
 
 from flowkern import FlowConfig, LatentTap, VelocityField, flow_reward, load_flow_field
 
@@ -65,7 +66,7 @@ def parity_reward(completions, **kwargs):
     return [float(i % 2 == 0) for i in range(len(completions))]
 
 
-def make_trainer(tmp_path, *, steps_per_generation=None, **flow_kwargs):
+def make_trainer(tmp_path, *, steps_per_generation=None, max_steps=2, **flow_kwargs):
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -73,10 +74,10 @@ def make_trainer(tmp_path, *, steps_per_generation=None, **flow_kwargs):
 
     prompts = [" ".join(f"w{(7 * i + j) % 61}" for j in range(2 + i % 3)) for i in range(8)]
     args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=6, max_steps=2, save_steps=2, logging_steps=1, report_to="none",
+                      max_completion_length=6, max_steps=max_steps, save_steps=2, logging_steps=1, report_to="none",
                       use_cpu=True, learning_rate=1e-3, seed=0, steps_per_generation=steps_per_generation,
                       dataloader_num_workers=0)
-    flow_kwargs.setdefault("flow", VelocityField(HIDDEN, FLOW_CONFIG.depth))
+    flow_kwargs.setdefault("flow", random_field(HIDDEN, FLOW_CONFIG.depth, dtype=torch.float32))
     flow_kwargs.setdefault("flow_config", FLOW_CONFIG)
     return FlowGRPOTrainer(tiny_policy(), parity_reward, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
                            processing_class=tiny_tokenizer(), flow_lr=1e-2, correct_threshold=1.0, **flow_kwargs)
@@ -243,3 +244,67 @@ def test_resuming_from_a_checkpoint_restores_the_flow_and_its_optimiser(trained,
     saved = torch.load(tmp / "checkpoint-2" / "flow_optimizer.pt", weights_only=True)
     assert fresh.flow_optimizer.state_dict()["state"].keys() == saved["state"].keys()
     torch.testing.assert_close(fresh.flow_optimizer.state_dict()["state"][0]["exp_avg"], saved["state"][0]["exp_avg"])
+
+
+def flow_and_policy(trainer) -> dict[str, torch.Tensor]:
+    state = {f"flow.{k}": v for k, v in trainer.flow_field.state_dict().items()}
+    return state | {f"policy.{k}": v for k, v in trainer.model.state_dict().items()}
+
+
+def test_resume_is_bit_exact(tmp_path):
+    """Resuming from checkpoint-2 of a 4-step run ends where the uninterrupted run ends, bit for bit."""
+    need("trl")
+    from flowkern.integrations.trl import FLOW_GENERATOR_NAME
+
+    whole = make_trainer(tmp_path / "whole", max_steps=4)
+    whole.train()
+    checkpoint = tmp_path / "whole" / "checkpoint-2"
+    assert (checkpoint / FLOW_GENERATOR_NAME.format(rank=0)).exists()
+    resumed = make_trainer(tmp_path / "resumed", max_steps=4)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    expected, got = flow_and_policy(whole), flow_and_policy(resumed)
+    assert not torch.equal(expected["flow.input_proj.weight"],
+                           make_trainer(tmp_path / "fresh").flow_field.input_proj.weight)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    logged = [[e["flow/loss"] for e in t.state.log_history if "flow/loss" in e and e["step"] > 2] for t in (whole, resumed)]
+    assert logged[0] and logged[0] == logged[1]
+
+
+def test_chunked_online_update_equals_the_unchunked_one(tmp_path):
+    """flow_update_max_tokens=5 (several chunks per update) trains the flow as one chunk does."""
+    need("trl")
+    flows = []
+    for limit in (None, 5):
+        trainer = make_trainer(tmp_path / str(limit), max_steps=1, flow_update_max_tokens=limit)
+        trainer.train()
+        flows.append(trainer.flow_field.state_dict())
+    for key, value in flows[0].items():
+        torch.testing.assert_close(flows[1][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    with pytest.raises(ValueError, match="flow_update_max_tokens must be a positive integer"):
+        make_trainer(tmp_path / "bad", flow_update_max_tokens=0)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        make_trainer(tmp_path / "bad", flow_precision="int8")
+
+
+def test_an_untrained_flow_warns(tmp_path):
+    need("trl")
+    with pytest.warns(UserWarning, match="output layer is all zero"):
+        make_trainer(tmp_path, flow=VelocityField(HIDDEN, FLOW_CONFIG.depth))
+
+
+@pytest.mark.parametrize("how", ["flow_precision", "flow_config"])
+def test_fp8_scoring_end_to_end(tmp_path, monkeypatch, how):
+    """fp8 scoring, asked for by the trainer's flow_precision or by the flow config's score_precision: the
+    trainer's flow rewards go through the fp8 path (`flowkern.ops.scores_gemm.fp8_scores`)."""
+    need("trl")
+    from flowkern.ops import scores_gemm
+
+    calls = []
+    real = scores_gemm.fp8_scores
+    monkeypatch.setattr(scores_gemm, "fp8_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = ({"flow_precision": "fp8"} if how == "flow_precision"
+          else {"flow_config": dataclasses.replace(FLOW_CONFIG, score_precision="fp8")})
+    trainer = make_trainer(tmp_path, **kw)
+    trainer.train()
+    assert calls

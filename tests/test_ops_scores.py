@@ -303,9 +303,12 @@ def test_benchmark_runs_on_cpu(tmp_path):
     for column in ("date", "device", "impl", "ms", "TFLOP/s", "% peak", "extra GiB", "x chain", "rel err"):
         assert column in rows[0]
     impls = [row["impl"] for row in rows]
-    assert len(impls) == 4 and "triton" in impls and any(i.startswith("GEMM chain") for i in impls)
+    assert len(impls) == 8 and "triton" in impls and any(i.startswith("GEMM chain") for i in impls)
+    assert {"triton fused", "triton gemm-route", "fp8", "fp8 GEMM chain (_scaled_mm)"} <= set(impls)
     assert all(float(row["ms"]) > 0 for row in rows)
-    assert float(rows[impls.index("triton")]["rel err"]) < 1e-4
+    for impl in ("triton", "triton fused", "triton gemm-route"):
+        assert float(rows[impls.index(impl)]["rel err"]) < 1e-4
+    assert 0 < float(rows[impls.index("fp8")]["rel err"]) < 0.1
     assert "triton" in proc.stdout and "GEMM chain" in proc.stdout
 
 

@@ -23,7 +23,7 @@ def _setup(n: int = 19, dtype: torch.dtype = torch.float32):
 
 
 def test_precisions_are_defined_once():
-    assert flow.PRECISIONS[0] == "auto" and set(flow.PRECISIONS[1:]) == set(flow.PRECISION_DTYPES)
+    assert flow.PRECISIONS[0] == "auto" and set(flow.PRECISIONS[1:]) == set(flow.PRECISION_DTYPES) | {"fp8"}
     field, x1, cond, _ = _setup()
     with pytest.raises(ValueError, match="precision must be one of"):
         fk.flow_scores(field, x1, cond, 0.5, precision="int8")

@@ -82,3 +82,25 @@ def test_a_disagreeing_cuda_row_is_a_miss(tmp_path: Path):
     verdicts = _verdicts((tmp_path / "targets.md").read_text())
     assert verdicts["B=1024, T=4096: CUDA ≥ 10× faster than torch (best CUDA row)"] == "MISSED"  # 4×
     assert verdicts["every CUDA row agrees with the torch reference (rows disagreeing)"] == "MISSED"
+
+
+def test_fp8_and_route_targets(tmp_path: Path):
+    """Issue 13: fp8 time, fp8 vs the faster bf16 route, that route vs the GEMM chain, memory."""
+    rows = []
+    for shape, fp8_ms in (("1.5B", 20.0), ("7B", 90.0)):
+        for impl, ms, extra in (("GEMM chain (cuBLAS)", 36.0, 2.4), ("triton", 50.0, 0.4), ("triton fused", 50.0, 0.4),
+                                ("triton gemm-route", 40.0, 0.45), ("fp8", fp8_ms, 0.3),
+                                ("fp8 GEMM chain (_scaled_mm)", 17.0, 1.0)):
+            rows.append({**H200, "shape": shape, "dtype": "bfloat16", "impl": impl, "ms": ms, "extra GiB": extra,
+                         "x chain": ms / 36.0, "rel err": "nan"})
+    _write(tmp_path / "scores.csv", rows)
+    assert targets.main(["--results", str(tmp_path)]) == 0
+    text = (tmp_path / "targets.md").read_text()
+    verdicts = {c[1]: c[3].rstrip(" |") for c in (line.split(" | ") for line in text.splitlines()
+                                                   if line.startswith("| 13"))}
+    assert verdicts["1.5B: fp8 scoring ≤ 25 ms"] == "met" and verdicts["7B: fp8 scoring ≤ 85 ms"] == "MISSED"
+    assert verdicts["1.5B: fp8 ≥ 1.6× faster than the faster bf16 route"] == "met"  # 40 / 20 = 2
+    assert verdicts["7B: fp8 ≥ 1.6× faster than the faster bf16 route"] == "MISSED"
+    assert verdicts["1.5B: the faster bf16 route ≤ 1.15× the bf16 GEMM chain"] == "met"  # 40 / 36
+    assert verdicts["1.5B: fp8 and gemm-route peak extra memory ≤ 0.5 GiB"] == "met"
+    assert "| 40/36" not in text and "1.111×" in text

@@ -301,3 +301,21 @@ def test_compare_mode_table(tmp_path, capsys):
     arm = json.loads((tmp_path / "cmp" / "seed0" / "flow" / "summary.json").read_text())
     assert arm["sft_eval"] == base["sft_eval"]
     assert mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+
+
+def test_score_precision_flag_scores_rl_rewards_in_fp8(tmp_path, monkeypatch):
+    """--score-precision fp8 reaches flow_reward in RL (through FlowConfig) and is saved with the flow."""
+    from flowkern.ops import scores_gemm
+
+    assert parse_config(["--score-precision", "fp8"]).score_precision == "fp8"
+    with pytest.raises(ConfigError, match="score_precision"):
+        parse_config(["--score-precision", "int4"])
+    calls = []
+    real = scores_gemm.fp8_scores
+    monkeypatch.setattr(scores_gemm, "fp8_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = tiny_config(out=str(tmp_path / "fp8"), score_precision="fp8", rl_steps=2, sft_steps=2, flow_steps=2)
+    run_pipeline(cfg)
+    rl = [r for r in _metrics(tmp_path / "fp8") if r["stage"] == "rl" and r["kind"] == "train"]
+    assert len(calls) >= 2 and len(rl) == 2 and any(r["flow_reward"] != 0.0 for r in rl)
+    saved = json.loads(next((tmp_path / "fp8").rglob("flow*.json")).read_text())
+    assert saved["config"]["score_precision"] == "fp8"

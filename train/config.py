@@ -71,12 +71,16 @@ class TrainConfig:
     flow_online_lr: float = _f(1e-4, "online flow update learning rate (Adam)")
     flow_repeats: int = _f(2, "(t, noise) draws per token in the flow-matching loss")
     flow_soft: float = _f(0.0, "online flow update weight of incorrect rollouts (0: correct only)")
+    flow_max_tokens: Optional[int] = _f(None, "online flow update: at most this many tokens per forward/backward "
+                                              "(chunks with gradient accumulation; default: one chunk)")
     flow_depth: int = _f(2, "velocity field depth K")
     flow_norm: str = _f("minmax-bil", "flow score normalisation: minmax, minmax-bil, mean or none")
     flow_threshold: float = _f(0.6, "flow score threshold eta")
     flow_topk: int = _f(15, "flow rewards kept per sequence (0: all)")
     flow_coef: float = _f(0.01, "flow reward coefficient beta")
     flow_context: str = _f("token_pre", "flow context mode: token_pre, token_post or identity")
+    score_precision: str = _f("auto", "precision of flow scoring: auto, fp32, bf16, fp16 or fp8 (saved in the "
+                                      "flow checkpoint's config)")
     # RL
     shaping: str = _f("flow", "advantage shaping: none (RLVR), flow (RLFR) or entropy (Cheng et al. 2025)")
     rl_steps: int = _f(60, "GRPO steps")
@@ -108,7 +112,8 @@ class TrainConfig:
     def flow_config(self) -> FlowConfig:
         """The `FlowConfig` of the flow environment."""
         return FlowConfig(context_mode=self.flow_context, depth=self.flow_depth, norm=self.flow_norm,
-                          threshold=self.flow_threshold, topk=self.flow_topk, coef=self.flow_coef)
+                          threshold=self.flow_threshold, topk=self.flow_topk, coef=self.flow_coef,
+                          score_precision=self.score_precision)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field."""
@@ -133,6 +138,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer; got {value!r}")
+        if self.flow_max_tokens is not None and (isinstance(self.flow_max_tokens, bool)
+                                                 or not isinstance(self.flow_max_tokens, int) or self.flow_max_tokens < 1):
+            raise ConfigError(f"--flow-max-tokens must be a positive integer; got {self.flow_max_tokens!r}")
         for name in ("sft_steps", "flow_steps", "rl_steps", "rl_warmup", "eval_every", "threads", "report_rollouts",
                      "flow_harvest"):
             value = getattr(self, name)

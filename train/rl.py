@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from flowkern import LatentTap, flow_reward, latent_flow_loss, shape_advantages
+from flowkern.integrations._common import flow_update
 
 from . import distributed as D
 from .checkpoint import save_checkpoint
@@ -98,7 +99,14 @@ def rl_step(run: Run, ddp: torch.nn.Module, opt: torch.optim.Optimizer,
                "gen_tokens_per_s": action.sum().item() / max(t_gen, 1e-9),
                "flow_reward": masked_token_mean(token_rewards, action).item(),
                "flow_reward_nonzero": masked_token_mean((token_rewards != 0).float(), action).item()}
-    if flow_opt is not None:
+    if flow_opt is not None and cfg.flow_max_tokens is not None:  # bounded: chunks, gradients summed over ranks
+        run.field.train()
+        floss = flow_update(run.field, flow_opt, latents, fracs, action, torch.where(outcome > 0, 1.0, cfg.flow_soft),
+                            run.flow_config, repeats=cfg.flow_repeats, backend=cfg.backend,
+                            max_tokens=cfg.flow_max_tokens)
+        if floss is not None:
+            metrics["flow_loss"] = floss
+    elif flow_opt is not None:
         weights = action.float() * torch.where(outcome > 0, 1.0, cfg.flow_soft)[:, None]
         run.field.train()
         floss = latent_flow_loss(run.field, latents, weights, run.flow_config, layer_fracs=fracs,

@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from .. import _checks
 from ..checkpoint import load_flow_field
 from ..config import FlowConfig
 from ..field import VelocityField
-from ..flow import flow_pairs
-from ..latents import latent_flow_loss
+from ..flow import flow_matching_loss
+from ..latents import pair_index, selected_pairs
 from ..tap import find_decoder_layers
 
 FlowLike = Union[VelocityField, str, os.PathLike]
+FLOW_OPTIMIZER_NAME = "flow_optimizer.pt"
+FLOW_GENERATOR_NAME = "flow_generator_{rank}.pt"  # one per process: the flow's noise generator
 
 
 def require(module: str, extra: str):
@@ -59,7 +63,20 @@ def resolve_flow(flow: FlowLike, flow_config: Optional[FlowConfig], *, arg: str 
         raise TypeError(f"{config_arg} must be a flowkern.FlowConfig, got {type(config).__name__}")
     if config.depth != field.depth:
         raise ValueError(f"{config_arg}.depth ({config.depth}) differs from the depth of {arg} ({field.depth})")
+    warn_if_untrained(field, arg)
     return field, config
+
+
+def warn_if_untrained(field: VelocityField, arg: str = "flow") -> bool:
+    """Warn (and return True) when the field's output layer is all zero, i.e. v ≡ 0: an untrained flow."""
+    out = field.final_layer.linear
+    if bool(out.weight.any()) or bool(out.bias.any()):
+        return False
+    warnings.warn(f"{arg}: the VelocityField's output layer is all zero, so v ≡ 0 and the flow 'deviation' only ranks "
+                  f"tokens by latent norm plus noise. Start from a pretrained flow: run `flowkern-pretrain --model "
+                  f"DIR --data FILE --out DIR` and pass flow='DIR', or load a released flow_model.bin.",
+                  UserWarning, stacklevel=3)
+    return True
 
 
 def unwrap_module(module: nn.Module) -> nn.Module:
@@ -181,10 +198,43 @@ def broadcast_module(module: nn.Module, group=None) -> None:
             dist.broadcast(tensor.data, src=src, group=group)
 
 
+# Pairs per noise block of the online update: the draws of a token depend only on its block, never on the chunking.
+NOISE_BLOCK = 256
+
+
+def _block_draws(seed: int, start: int, stop: int, repeats: int, n_layers: int, dim: int, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logit-normal t [repeats, L·m] and ε [repeats, L·m, D] of pairs ``start:stop`` (m = stop - start), layer-major.
+
+    Pair p's draws come from block ``p // NOISE_BLOCK``, whose generator is seeded with ``seed + block``,
+    so any chunking of the pairs sees the same t and ε for every (repeat, layer, pair).
+    """
+    gen = torch.Generator(device=device)
+    ts, eps = [], []
+    for block in range(start // NOISE_BLOCK, (stop - 1) // NOISE_BLOCK + 1):
+        gen.manual_seed(seed + block)
+        lo = block * NOISE_BLOCK
+        a, b = max(start, lo) - lo, min(stop, lo + NOISE_BLOCK) - lo
+        t = torch.sigmoid(torch.randn((repeats, n_layers, NOISE_BLOCK), generator=gen, device=device))
+        e = torch.randn((repeats, n_layers, NOISE_BLOCK, dim), generator=gen, device=device)
+        ts.append(t[:, :, a:b])
+        eps.append(e[:, :, a:b])
+    m = stop - start
+    return (torch.cat(ts, 2).reshape(repeats, n_layers * m),
+            torch.cat(eps, 2).reshape(repeats, n_layers * m, dim))
+
+
+def check_max_tokens(name: str, value: Optional[int]) -> Optional[int]:
+    """`value` if it is None or a positive integer, else a ValueError naming `name`."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    return value
+
+
 def flow_update(field: VelocityField, optimizer: torch.optim.Optimizer, latents: Sequence[torch.Tensor],
                 layer_fracs: Sequence[float], mask: torch.Tensor, weights: torch.Tensor, config: FlowConfig, *,
                 generator: Optional[torch.Generator] = None, repeats: int = 1, backend: str = "auto",
-                process_group=None) -> Optional[float]:
+                process_group=None, max_tokens: Optional[int] = None) -> Optional[float]:
     """One optimiser step of flow matching on the masked tokens of a padded batch (DESIGN.md §1, online update).
 
     Every token selected by `mask` [B, T] (bool) at every hooked layer is a
@@ -194,29 +244,50 @@ def flow_update(field: VelocityField, optimizer: torch.optim.Optimizer, latents:
     local mean by its share of the global weight and gradients are summed across
     ranks, so every rank applies the same update to its copy of the flow.
 
+    With `max_tokens`, the tokens go through the flow in chunks of at most that many
+    (each at every hooked layer and repeat) and the gradients are accumulated, so the
+    update's activation memory is bounded by the chunk whatever the batch. The noise
+    of each token is drawn from per-block generators seeded by one draw from
+    `generator` (`NOISE_BLOCK`), so every chunking gives the same update as one chunk,
+    up to float summation order.
+
     Returns the global loss, or None when no token has weight anywhere (no step is taken).
     """
+    check_max_tokens("max_tokens", max_tokens)
     device = field.input_proj.weight.device
     latents = [latent.to(device) for latent in latents]
     token_w = mask.to(device).float() * weights.to(device).float()[:, None]
-    _, _, valid = flow_pairs(latents[0], config.context_mode, config.shift)
-    local_w = token_w[:, valid].sum() * len(latents)  # the loss's own normaliser: pairs × layers
-    totals = all_reduce_sum(local_w.double().reshape(1), process_group)
+    index = pair_index(selected_pairs(token_w != 0, config, token_w.shape[1]), config)
+    pair_w = token_w[index.rows, index.pos]
+    n_layers = len(latents)
+    totals = all_reduce_sum((pair_w.sum() * n_layers).double().reshape(1), process_group)
     global_w = float(totals[0])
     if global_w <= 0:
         return None
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=getattr(generator, "device", device)))
+    fracs = torch.tensor([float(f) for f in layer_fracs], dtype=torch.float32, device=device)
     optimizer.zero_grad(set_to_none=False)
-    share = float(local_w) / global_w
-    local = latent_flow_loss(field, latents, token_w, config, layer_fracs=layer_fracs, repeats=repeats,
-                             generator=generator, backend=backend)
-    (local * share).backward()
-    local_share = local.detach() * share
     for p in field.parameters():
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+    local = torch.zeros((), dtype=torch.float64, device=device)
+    step = index.n if max_tokens is None else max_tokens
+    for start in range(0, index.n, step):
+        stop = min(start + step, index.n)
+        targets, conds = index.slice(start, stop).gather(latents)
+        t, noise = _block_draws(seed, start, stop, repeats, n_layers, field.dim, device)
+        w = pair_w[start:stop].repeat(n_layers)
+        loss = flow_matching_loss(field, targets, conds, fracs.repeat_interleave(stop - start), w, t=t, noise=noise,
+                                  repeats=repeats, backend=backend, check_finite=False)
+        share = w.sum() / global_w  # this chunk's part of the global weight (a tensor: no host sync)
+        (loss * share).backward()
+        local += (loss.detach() * share).double()
+    total = all_reduce_sum(local.reshape(1), process_group)
+    _checks.finite_result("the online flow update's loss", total, **{f"latents[{i}]": lat for i, lat in enumerate(latents)})
+    for p in field.parameters():
         all_reduce_sum(p.grad, process_group)
     optimizer.step()
-    return float(all_reduce_sum(local_share.double().reshape(1), process_group)[0])
+    return float(total[0])
 
 
 class LatentRecorder:

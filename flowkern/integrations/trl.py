@@ -36,9 +36,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
 
 from ..checkpoint import SAFETENSORS_NAME, load_flow_field, save_flow_field  # noqa: E402
 from ..config import FlowConfig  # noqa: E402
+from ..flow import check_precision  # noqa: E402
 from ..reward import flow_reward, reward_to_go  # noqa: E402
-from ._common import (FlowLike, LatentRecorder, broadcast_module, check_flow_fits_policy, decoder_layers,  # noqa: E402
-                      flow_update, resolve_flow, scored_mask)
+from ._common import (FLOW_GENERATOR_NAME, FLOW_OPTIMIZER_NAME, FlowLike, LatentRecorder,  # noqa: E402
+                      broadcast_module, check_flow_fits_policy, check_max_tokens, decoder_layers, flow_update, resolve_flow, scored_mask)
 
 _HOOKED = ("_generate_and_score_completions", "_calculate_rewards", "_get_per_token_logps_and_entropies",
            "_save_checkpoint", "_load_optimizer_and_scheduler")
@@ -47,9 +48,7 @@ if _missing:
     raise ImportError(f"flowkern.integrations.trl was written for trl 1.16 and hooks GRPOTrainer.{_missing}, which "
                       f"trl {getattr(_trl, '__version__', '?')} lacks; install it with: pip install flowkern[trl]")
 
-FLOW_OPTIMIZER_NAME = "flow_optimizer.pt"
-
-__all__ = ["FlowGRPOTrainer", "FLOW_OPTIMIZER_NAME"]
+__all__ = ["FlowGRPOTrainer", "FLOW_GENERATOR_NAME", "FLOW_OPTIMIZER_NAME"]
 
 
 class FlowGRPOTrainer(GRPOTrainer):
@@ -71,19 +70,34 @@ class FlowGRPOTrainer(GRPOTrainer):
         flow_gamma: discount γ of the flow rewards' reward-to-go.
         flow_repeats: noise draws per token in the flow-matching loss.
         flow_backend: flowkern backend ("auto", "torch", "triton", "cuda").
+        flow_precision: the precision the flow is scored in (`flowkern.flow_reward`): "auto" (bf16 on
+            CUDA through a cached copy of the fp32 weights, fp32 on CPU), "fp32", "bf16", "fp16" or "fp8";
+            None (the default) takes the flow config's ``score_precision`` (itself "auto" by default).
+            The flow's weights, its online update and its Adam state stay fp32.
+        flow_update_max_tokens: at most this many completion tokens (each at every hooked
+            layer) per forward/backward of the online update; gradients are accumulated
+            over the chunks, so its memory is bounded whatever the batch (None: one chunk).
 
     Batches seen by the loss carry three extra keys: ``advantages`` [B, C] (the
     shaped ones), ``sequence_advantages`` [B] (TRL's) and ``flow_rewards`` [B, C].
     Metrics ``flow/reward_abs_mean``, ``flow/rewarded_frac``, ``flow/loss`` and
-    ``flow/correct_frac`` go through TRL's logging. Text-only policies.
+    ``flow/correct_frac`` go through TRL's logging: the first two on every generation batch,
+    ``flow/correct_frac`` on training generation batches with the update on, and ``flow/loss``
+    only when that update took a step (some rollout had weight). Checkpoints hold the flow,
+    its optimiser and each process's noise generator, so a resumed run is bit-exact.
+    Text-only policies.
     """
 
     def __init__(self, model, reward_funcs=None, args=None, *pos, flow: FlowLike = None,
                  flow_config: Optional[FlowConfig] = None, flow_lr: float = 1e-4,
                  flow_incorrect_weight: float = 0.0, online_flow_update: bool = True,
                  correct_threshold: float = 1.0, flow_gamma: float = 1.0, flow_repeats: int = 1,
-                 flow_backend: str = "auto", **kwargs):
+                 flow_backend: str = "auto", flow_update_max_tokens: Optional[int] = None,
+                 flow_precision: Optional[str] = None, **kwargs):
         field, config = resolve_flow(flow, flow_config)
+        if flow_precision is not None:
+            check_precision(flow_precision)
+        check_max_tokens("flow_update_max_tokens", flow_update_max_tokens)
         for name, value in (("flow_lr", flow_lr), ("flow_incorrect_weight", flow_incorrect_weight),
                             ("correct_threshold", correct_threshold), ("flow_gamma", flow_gamma)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -109,6 +123,8 @@ class FlowGRPOTrainer(GRPOTrainer):
         self.flow_gamma = float(flow_gamma)
         self.flow_repeats = flow_repeats
         self.flow_backend = flow_backend
+        self.flow_precision = flow_precision
+        self.flow_update_max_tokens = flow_update_max_tokens
         self._flow_layers = decoder_layers(self.model)
         self._flow_generator = torch.Generator(device=device)
         self._flow_generator.manual_seed(int(self.args.seed) * 7919 + self.accelerator.process_index)
@@ -164,7 +180,8 @@ class FlowGRPOTrainer(GRPOTrainer):
         action = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), loss_mask], dim=1)
         scored = scored_mask(action, attention_mask, self.flow_config)
         rewards = flow_reward(self.flow_field, latents, scored, self.flow_config, layer_fracs=recorder.layer_fracs,
-                              generator=self._flow_generator, backend=self.flow_backend)[:, P:]
+                              generator=self._flow_generator, backend=self.flow_backend,
+                              precision=self.flow_precision)[:, P:]
         sequence_advantages = output["advantages"]
         advantages = sequence_advantages.float()[:, None] + reward_to_go(rewards, self.flow_gamma)
         output["advantages"] = advantages.masked_fill(~loss_mask, 0.0)
@@ -185,7 +202,8 @@ class FlowGRPOTrainer(GRPOTrainer):
             with torch.enable_grad():
                 loss = flow_update(self.flow_field, self.flow_optimizer, latents, recorder.layer_fracs, scored,
                                    weights, self.flow_config, generator=self._flow_generator,
-                                   repeats=self.flow_repeats, backend=self.flow_backend)
+                                   repeats=self.flow_repeats, backend=self.flow_backend,
+                                   max_tokens=self.flow_update_max_tokens)
             counts = torch.tensor([correct.sum().item(), len(correct)], dtype=torch.float32,
                                   device=self.accelerator.device)
             n_correct, n_total = self.accelerator.gather(counts).view(-1, 2).sum(0).tolist()
@@ -233,8 +251,11 @@ class FlowGRPOTrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        torch.save(self._flow_generator.get_state(),
+                   os.path.join(folder, FLOW_GENERATOR_NAME.format(rank=self.accelerator.process_index)))
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             torch.save(self.flow_optimizer.state_dict(), os.path.join(folder, FLOW_OPTIMIZER_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
@@ -247,3 +268,6 @@ class FlowGRPOTrainer(GRPOTrainer):
         if opt_path.exists():
             state = torch.load(opt_path, map_location=self.accelerator.device, weights_only=True)
             self.flow_optimizer.load_state_dict(state)
+        gen_path = Path(checkpoint) / FLOW_GENERATOR_NAME.format(rank=self.accelerator.process_index)
+        if gen_path.exists():
+            self._flow_generator.set_state(torch.load(gen_path, map_location="cpu", weights_only=True))

@@ -3,18 +3,21 @@
 Two pieces:
 
 - `register()` adds the advantage estimator ``grpo_flow`` to verl's registry
-  (`verl.trainer.ppo.core_algos.register_adv_est`). Layout convention of
-  ``token_level_rewards`` [B, R] (verl's response layout): the outcome reward
-  sits on the **last response token** (where verl's reward managers put it) and
-  flow rewards sit on the **other** response tokens, never on the last one. The
-  estimator normalises the outcome within each ``uid`` group and adds the
-  reward-to-go of the flow rewards; it equals `flowkern.shape_advantages`.
+  (`verl.trainer.ppo.core_algos.register_adv_est`) and installs `compute_advantage`
+  in ``verl.trainer.ppo.ray_trainer`` so that the estimator receives the flow rewards
+  and the trainer's gamma / norm arguments. Separate layout (the default): the
+  outcome stays in ``token_level_rewards`` [B, R] (summed over the response, as verl's
+  ``grpo`` reads it) and the flow rewards travel under their own batch key
+  `FLOW_REWARDS_KEY` (``flow_token_rewards``), so neither can be read as the other.
+  Mixed layout (fallback, when that key is absent): the outcome on the last response
+  token and flow rewards on the others (`split_outcome`). The estimator normalises
+  the outcome within each ``uid`` group and adds the reward-to-go of the flow
+  rewards; it equals `flowkern.shape_advantages`.
 - `FlowRewardHook` runs on the actor worker: it taps the actor's HF module
   (bare, FSDP1 or FSDP2) with `LatentTap`, and returns flow rewards [B, R]
   aligned to verl's ``responses`` / ``response_mask`` (left-padded prompts,
-  right-padded responses), zero on the last response token, ready to be added
-  to ``token_level_scores``. `FlowRewardHook.update_flow` trains the flow on the
-  correct rollouts.
+  right-padded responses). `FlowRewardHook.update_flow` trains the flow on the
+  correct rollouts, in chunks of at most ``max_tokens`` tokens.
 
 Install with ``pip install flowkern[verl]``.
 """
@@ -34,49 +37,88 @@ _verl = require("verl", "verl")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from verl.trainer.ppo import core_algos  # noqa: E402
+from verl.trainer.ppo import core_algos, ray_trainer  # noqa: E402
 
-from ..checkpoint import save_flow_field  # noqa: E402
+from ..checkpoint import SAFETENSORS_NAME, load_flow_field, save_flow_field  # noqa: E402
 from ..config import FlowConfig  # noqa: E402
+from ..flow import check_precision  # noqa: E402
 from ..reward import flow_reward, shape_advantages  # noqa: E402
-from ._common import (FlowLike, LatentRecorder, as_bool_mask, broadcast_module, check_flow_fits_policy,  # noqa: E402
-                      decoder_layers, flow_update, last_true, resolve_flow, scored_mask)
+from ._common import (FLOW_GENERATOR_NAME, FLOW_OPTIMIZER_NAME, FlowLike, LatentRecorder, as_bool_mask,  # noqa: E402
+                      broadcast_module, check_flow_fits_policy, check_max_tokens, decoder_layers, flow_update,
+                      last_true, resolve_flow, scored_mask)
 
 ESTIMATOR_NAME = "grpo_flow"
+FLOW_REWARDS_KEY = "flow_token_rewards"  # data.batch key of the flow rewards [B, R] (the separate layout)
+LAYOUTS = ("separate", "mixed")
 
-__all__ = ["ESTIMATOR_NAME", "FlowRewardHook", "compute_grpo_flow_advantage", "register", "split_outcome"]
+__all__ = ["ESTIMATOR_NAME", "FLOW_REWARDS_KEY", "FlowRewardHook", "compute_advantage", "compute_grpo_flow_advantage",
+           "outcome_scores", "register", "split_outcome"]
 
 
-def _config_value(config: Any, key: str, default: Any) -> Any:
+_MISSING = object()
+
+
+def _config_value(config: Any, key: str) -> Any:
     if config is None:
-        return default
+        return _MISSING
     if isinstance(config, Mapping):
-        return config.get(key, default)
-    return getattr(config, key, default)
+        return config.get(key, _MISSING)
+    return getattr(config, key, _MISSING)
 
 
-def split_outcome(token_level_rewards: torch.Tensor, response_mask: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split verl's ``token_level_rewards`` [B, R] into (outcome [B], flow rewards [B, R], response mask bool).
+def _setting(name: str, passed: Any, config: Any, default: Any) -> Any:
+    """An estimator setting passed as an argument or read from verl's ``AlgoConfig``; they must agree."""
+    configured = _config_value(config, name)
+    if passed is not None and configured is not _MISSING and configured != passed:
+        raise ValueError(f"grpo_flow: {name}={passed!r} was passed but the config (algorithm.{name}) says "
+                         f"{configured!r}; make them agree")
+    if passed is not None:
+        return passed
+    return default if configured is _MISSING else configured
 
-    The outcome is the value on each row's last response token; the flow rewards
-    are everything else (the last token's slot zeroed). Raises ValueError when a
-    row has no response token or when a reward sits outside `response_mask`.
-    """
-    if not isinstance(token_level_rewards, torch.Tensor) or not token_level_rewards.is_floating_point():
-        raise TypeError("token_level_rewards must be a floating torch.Tensor")
-    if token_level_rewards.dim() != 2:
-        raise ValueError(f"token_level_rewards must be [B, R], got shape {list(token_level_rewards.shape)}")
+
+def outcome_scores(token_level_rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Outcome of each rollout [B] fp32 in the separate layout: the sum of its rewards over `response_mask`,
+    as verl's ``grpo`` reads it (reward managers put the score on the last response token)."""
+    _check_rewards("token_level_rewards", token_level_rewards)
     mask = as_bool_mask("response_mask", response_mask, token_level_rewards.shape)
-    rewards = token_level_rewards.float()
+    _check_inside("token_level_rewards", token_level_rewards, mask)
+    return (token_level_rewards.float() * mask).sum(dim=1)
+
+
+def _check_rewards(name: str, rewards: Any) -> None:
+    if not isinstance(rewards, torch.Tensor) or not rewards.is_floating_point():
+        raise TypeError(f"{name} must be a floating torch.Tensor")
+    if rewards.dim() != 2:
+        raise ValueError(f"{name} must be [B, R], got shape {list(rewards.shape)}")
+
+
+def _check_inside(name: str, rewards: torch.Tensor, mask: torch.Tensor) -> None:
     outside = (rewards != 0) & ~mask
     if bool(outside.any()):
         rows = sorted(set(outside.nonzero()[:, 0].tolist()))
-        raise ValueError(f"token_level_rewards has non-zero values outside response_mask in rows {rows[:8]}: "
+        raise ValueError(f"{name} has non-zero values outside response_mask in rows {rows[:8]}: "
                          f"the rewards and the response mask are misaligned")
     empty = ~mask.any(dim=1)
     if bool(empty.any()):
         raise ValueError(f"response_mask has no response token in rows {empty.nonzero()[:, 0].tolist()[:8]}")
+
+
+def split_outcome(token_level_rewards: torch.Tensor, response_mask: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mixed layout (the fallback): split ``token_level_rewards`` [B, R] into (outcome [B], flow rewards [B, R],
+    response mask bool).
+
+    The outcome is the value on each row's last response token; the flow rewards
+    are everything else (the last token's slot zeroed). Raises ValueError when a
+    row has no response token or when a reward sits outside `response_mask`. It
+    cannot tell a flow reward on the last token from the outcome, nor an outcome
+    placed elsewhere from a flow reward: use the separate layout (`FLOW_REWARDS_KEY`).
+    """
+    _check_rewards("token_level_rewards", token_level_rewards)
+    mask = as_bool_mask("response_mask", response_mask, token_level_rewards.shape)
+    _check_inside("token_level_rewards", token_level_rewards, mask)
+    rewards = token_level_rewards.float()
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     last = last_true(mask)
     outcome = rewards[rows, last]
@@ -86,29 +128,48 @@ def split_outcome(token_level_rewards: torch.Tensor, response_mask: torch.Tensor
 
 
 def compute_grpo_flow_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor,
-                                index: Optional[Sequence] = None, config: Any = None,
+                                index: Optional[Sequence] = None, config: Any = None, *,
+                                flow_token_rewards: Optional[torch.Tensor] = None, gamma: Optional[float] = None,
+                                norm_adv_by_std_in_grpo: Optional[bool] = None,
                                 **unused: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """verl advantage estimator ``grpo_flow``: GRPO outcome advantage plus the reward-to-go of flow rewards.
 
-    ``A[i, k] = (R_i - mean_g) / (std_g + 1e-6) + Σ_{s ≥ k, s ∈ response} γ^(s-k) r[i, s]``, with
-    R_i on the last response token, r the flow rewards on the other tokens, groups
-    given by `index` (verl's ``uid``; any group sizes) and γ = ``config.gamma``
-    (``algorithm.gamma``; verl passes no gamma to registered estimators). Exactly
-    `flowkern.shape_advantages` on each group; a single-rollout group gets Â = 0.
+    ``A[i, k] = (R_i - mean_g) / (std_g + 1e-6) + Σ_{s ≥ k, s ∈ response} γ^(s-k) r[i, s]`` over the groups
+    given by `index` (verl's ``uid``; any group sizes); without the std division when
+    ``norm_adv_by_std_in_grpo`` is False. Per group it equals `flowkern.shape_advantages`.
+
+    Layouts:
+        - separate (when `flow_token_rewards` is given; `compute_advantage` passes
+          ``data.batch[FLOW_REWARDS_KEY]``): R_i is the sum of ``token_level_rewards`` over the
+          response, as in verl's ``grpo``, and r is `flow_token_rewards` [B, R], on any response token;
+        - mixed (fallback): R_i is the value on the last response token and r the other values
+          (`split_outcome`).
+
+    `gamma` and `norm_adv_by_std_in_grpo` come from the arguments or from `config` (``algorithm.*``);
+    both given and different is an error. Defaults 1.0 and True. A one-rollout group gets Â = 0 (verl's
+    ``grpo`` gives such a rollout its raw score).
 
     Returns ``(advantages, returns)``, both [B, R] fp32 and equal.
     """
-    outcome, flow, mask = split_outcome(token_level_rewards, response_mask)
+    if flow_token_rewards is None:
+        outcome, flow, mask = split_outcome(token_level_rewards, response_mask)
+    else:
+        outcome = outcome_scores(token_level_rewards, response_mask)
+        _check_rewards(FLOW_REWARDS_KEY, flow_token_rewards)
+        mask = as_bool_mask("response_mask", response_mask, token_level_rewards.shape)
+        if flow_token_rewards.shape != token_level_rewards.shape:
+            raise ValueError(f"{FLOW_REWARDS_KEY} has shape {list(flow_token_rewards.shape)} but token_level_rewards "
+                             f"has {list(token_level_rewards.shape)}")
+        _check_inside(FLOW_REWARDS_KEY, flow_token_rewards, mask)
+        flow = flow_token_rewards.float()
     B = outcome.shape[0]
     if index is None:
         raise ValueError("grpo_flow needs the group id of each rollout: verl passes non_tensor_batch['uid'] as index")
     index = list(index)
     if len(index) != B:
         raise ValueError(f"index has {len(index)} entries for {B} rollouts")
-    if not _config_value(config, "norm_adv_by_std_in_grpo", True):
-        raise ValueError("grpo_flow normalises the outcome by the group std (as flowkern.shape_advantages); "
-                         "set algorithm.norm_adv_by_std_in_grpo=True")
-    gamma = float(_config_value(config, "gamma", 1.0))
+    gamma = float(_setting("gamma", gamma, config, 1.0))
+    by_std = bool(_setting("norm_adv_by_std_in_grpo", norm_adv_by_std_in_grpo, config, True))
     groups: dict[Any, list[int]] = defaultdict(list)
     for row, uid in enumerate(index):
         groups[uid].append(row)
@@ -118,12 +179,49 @@ def compute_grpo_flow_advantage(token_level_rewards: torch.Tensor, response_mask
     advantages = torch.zeros_like(flow)
     for size, rows in by_size.items():
         order = torch.tensor(rows, dtype=torch.long, device=flow.device)
-        advantages[order] = shape_advantages(outcome[order], flow[order], mask[order], size, gamma)
+        if by_std:
+            advantages[order] = shape_advantages(outcome[order], flow[order], mask[order], size, gamma)
+        else:  # Dr. GRPO: the outcome only centred; shape_advantages of a zero outcome is the flow reward-to-go
+            centred = outcome[order].view(-1, size) - outcome[order].view(-1, size).mean(1, keepdim=True)
+            rtg = shape_advantages(torch.zeros_like(outcome[order]), flow[order], mask[order], size, gamma)
+            advantages[order] = rtg + centred.reshape(-1, 1) * mask[order]
     return advantages, advantages.clone()
 
 
+_verl_compute_advantage = ray_trainer.compute_advantage
+
+
+def compute_advantage(data: Any, adv_estimator: Any, gamma: Optional[float] = None, lam: float = 1.0,
+                      num_repeat: int = 1, norm_adv_by_std_in_grpo: Optional[bool] = None, config: Any = None) -> Any:
+    """verl's ``compute_advantage`` (same arguments), with ``grpo_flow`` reading the separate flow key.
+
+    For ``adv_estimator == "grpo_flow"`` it passes ``data.batch[FLOW_REWARDS_KEY]`` (when present) and the
+    `gamma` / `norm_adv_by_std_in_grpo` arguments to `compute_grpo_flow_advantage` (None: take them from
+    `config`, else 1.0 and True); every other estimator goes to verl's own function with verl's defaults.
+    `register` installs it in ``verl.trainer.ppo.ray_trainer``.
+    """
+    if str(getattr(adv_estimator, "value", adv_estimator)) != ESTIMATOR_NAME:
+        return _verl_compute_advantage(data, adv_estimator, gamma=1.0 if gamma is None else gamma, lam=lam,
+                                       num_repeat=num_repeat, config=config,
+                                       norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo is not False)
+    batch = data.batch
+    if "response_mask" not in batch.keys():
+        batch["response_mask"] = ray_trainer.compute_response_mask(data)
+    uid = data.non_tensor_batch.get("uid")
+    flow = batch[FLOW_REWARDS_KEY] if FLOW_REWARDS_KEY in batch.keys() else None
+    advantages, returns = compute_grpo_flow_advantage(batch["token_level_rewards"], batch["response_mask"], uid,
+                                                      config, flow_token_rewards=flow, gamma=gamma,
+                                                      norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo)
+    batch["advantages"] = advantages
+    batch["returns"] = returns
+    return data
+
+
 def register() -> Any:
-    """Register ``grpo_flow`` with verl's advantage-estimator registry; idempotent. Returns the estimator.
+    """Register ``grpo_flow`` with verl's advantage-estimator registry and install `compute_advantage` as
+    ``verl.trainer.ppo.ray_trainer.compute_advantage`` (what ``RayPPOTrainer.fit`` calls), so the estimator
+    sees the flow rewards under `FLOW_REWARDS_KEY` and the trainer's gamma / norm arguments. Idempotent;
+    returns the estimator.
 
     Call it in the process that computes advantages (verl's driver / TaskRunner), then set
     ``algorithm.adv_estimator=grpo_flow``.
@@ -131,6 +229,7 @@ def register() -> Any:
     registered = core_algos.ADV_ESTIMATOR_REGISTRY.get(ESTIMATOR_NAME)
     if registered is not compute_grpo_flow_advantage:
         core_algos.register_adv_est(ESTIMATOR_NAME)(compute_grpo_flow_advantage)
+    ray_trainer.compute_advantage = compute_advantage
     return compute_grpo_flow_advantage
 
 
@@ -148,17 +247,32 @@ class FlowRewardHook:
         incorrect_weight: weight of incorrect rollouts in `update_flow`.
         micro_batch_size: rows per forward pass (default: the whole batch).
         backend: flowkern backend.
+        precision: the precision the flow is scored in (`flowkern.flow_reward`): "auto" (bf16 on CUDA through
+            a cached copy of the fp32 weights, fp32 on CPU), "fp32", "bf16", "fp16" or "fp8"; None (the default)
+            takes ``config.score_precision``. The flow's weights, its update and its Adam state stay fp32.
         device: where the flow lives (default: the device of the first batch).
         process_group: ranks whose flow copies are kept identical (default: the world).
-        seed: seed of the noise generator.
+        seed: seed of the noise generator (each rank should pass its own, e.g. ``seed + rank``).
         repeats: noise draws per token in the flow-matching loss.
+        max_tokens: at most this many response tokens (each at every hooked layer) per
+            forward/backward of `update_flow`; gradients are accumulated over the chunks,
+            so the update's memory is bounded whatever the batch (None: one chunk).
+        layout: ``"separate"`` (default): flow rewards on every scored response token, to be
+            stored under ``data.batch[FLOW_REWARDS_KEY]``; ``"mixed"``: zero on the last
+            response token, to be added to the outcome scores (the fallback layout).
     """
 
     def __init__(self, module: nn.Module, flow: FlowLike, flow_config: Optional[FlowConfig] = None, *,
                  lr: float = 1e-4, incorrect_weight: float = 0.0, micro_batch_size: Optional[int] = None,
                  backend: str = "auto", device: Optional[torch.device] = None, process_group=None,
-                 seed: int = 0, repeats: int = 1, layers: Optional[nn.ModuleList] = None):
+                 seed: int = 0, repeats: int = 1, layers: Optional[nn.ModuleList] = None,
+                 max_tokens: Optional[int] = None, layout: str = "separate", precision: Optional[str] = None):
         field, config = resolve_flow(flow, flow_config)
+        if precision is not None:
+            check_precision(precision)
+        check_max_tokens("max_tokens", max_tokens)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         check_flow_fits_policy(field, module)
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a positive number, got {lr!r}")
@@ -174,8 +288,11 @@ class FlowRewardHook:
         self.incorrect_weight = float(incorrect_weight)
         self.micro_batch_size = micro_batch_size
         self.backend = backend
+        self.precision = precision
         self.process_group = process_group
         self.repeats = repeats
+        self.max_tokens = max_tokens
+        self.layout = layout
         self.seed = int(seed)
         self.generator: Optional[torch.Generator] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
@@ -238,7 +355,8 @@ class FlowRewardHook:
     def flow_rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, responses: torch.Tensor,
                      response_mask: torch.Tensor, *, position_ids: Optional[torch.Tensor] = None,
                      noise: Optional[Sequence[torch.Tensor]] = None, return_latents: bool = False):
-        """Flow rewards [B, R] fp32 in verl's response layout, zero off `response_mask` and on the last response token.
+        """Flow rewards [B, R] fp32 in verl's response layout, zero off `response_mask` (and, with
+        ``layout="mixed"``, on the last response token).
 
         Args:
             input_ids: [B, P+R] left-padded prompts followed by right-padded responses.
@@ -254,11 +372,12 @@ class FlowRewardHook:
         latents, fracs = self._latents(input_ids, attention_mask, position_ids)
         P = input_ids.shape[1] - responses.shape[1]
         action = torch.cat([torch.zeros_like(attention[:, :P]), response], dim=1)
-        has = response.any(dim=1)
-        rows = has.nonzero()[:, 0]
-        action[rows, P + last_true(response[rows])] = False  # the outcome's slot gets no flow reward
+        if self.layout == "mixed":
+            rows = response.any(dim=1).nonzero()[:, 0]
+            action[rows, P + last_true(response[rows])] = False  # the outcome's slot gets no flow reward
         rewards = flow_reward(self.field, latents, scored_mask(action, attention, self.config), self.config,
-                              layer_fracs=fracs, noise=noise, generator=self.generator, backend=self.backend)[:, P:]
+                              layer_fracs=fracs, noise=noise, generator=self.generator, backend=self.backend,
+                              precision=self.precision)[:, P:]
         return (rewards, latents) if return_latents else rewards
 
     def __call__(self, data: Any) -> torch.Tensor:
@@ -311,8 +430,34 @@ class FlowRewardHook:
         with torch.enable_grad():
             return flow_update(self.field, self.optimizer, latents, fracs, scored_mask(action, attention, self.config),
                                weights.to(input_ids.device), self.config, generator=self.generator,
-                               repeats=self.repeats, backend=self.backend, process_group=self.process_group)
+                               repeats=self.repeats, backend=self.backend, process_group=self.process_group,
+                               max_tokens=self.max_tokens)
 
     def save(self, path) -> Path:
         """Save the flow and its config (`flowkern.save_flow_field`); returns the weights' path."""
         return save_flow_field(self.field, path, self.config)
+
+    def save_checkpoint(self, folder, rank: int) -> None:
+        """Checkpoint for an exact resume; call it on every rank. Rank 0 writes the flow
+        (``flow.safetensors`` + ``flow.json``) and its optimiser; every rank writes its noise generator."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.generator is not None:
+            torch.save(self.generator.get_state(), folder / FLOW_GENERATOR_NAME.format(rank=rank))
+        if rank == 0:
+            self.save(folder / SAFETENSORS_NAME)
+            if self.optimizer is not None:
+                torch.save(self.optimizer.state_dict(), folder / FLOW_OPTIMIZER_NAME)
+
+    def load_checkpoint(self, folder, rank: int, device: Optional[torch.device] = None) -> None:
+        """Restore what `save_checkpoint` wrote (the flow, its optimiser, this rank's generator)."""
+        folder = Path(folder)
+        field, _ = load_flow_field(folder / SAFETENSORS_NAME)
+        self.field.load_state_dict(field.state_dict())
+        self._place(torch.device(device) if device is not None else self.field.input_proj.weight.device)
+        if (folder / FLOW_OPTIMIZER_NAME).exists():
+            self.optimizer.load_state_dict(torch.load(folder / FLOW_OPTIMIZER_NAME, map_location="cpu",
+                                                      weights_only=True))
+        gen = folder / FLOW_GENERATOR_NAME.format(rank=rank)
+        if gen.exists():
+            self.generator.set_state(torch.load(gen, map_location="cpu", weights_only=True))

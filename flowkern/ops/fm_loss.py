@@ -187,7 +187,7 @@ class _FlowMatchingLoss(torch.autograd.Function):
         rstd = torch.empty(rows, dtype=torch.float32, device=device)
         shift, scale = _slots(adas[0], W)[:2]
         _launch(kern.modulate_kernel, tiling, a, a, 0, a, shift, scale, adas[0].stride(0), p.block(0)[0],
-                a, h, rstd, rows, W, cfg.eps, RESIDUAL=False)
+                a, h, rstd, rstd, rows, W, cfg.eps, RESIDUAL=False, QUANT=False)
         for k in range(cfg.depth):
             acts.append(a)
             rstds.append(rstd)
@@ -202,7 +202,7 @@ class _FlowMatchingLoss(torch.autograd.Function):
             a_next, h, rstd = torch.empty_like(a), torch.empty_like(h), torch.empty_like(rstd)
             _launch(kern.modulate_kernel, tiling, a, gate, adas[k].stride(0), z2, shift, scale,
                     adas[k + 1].stride(0), ln_next,
-                    a_next, h, rstd, rows, W, cfg.eps, RESIDUAL=True)
+                    a_next, h, rstd, rstd, rows, W, cfg.eps, RESIDUAL=True, QUANT=False)
             a = a_next
         acts.append(a)
         rstds.append(rstd)

@@ -125,6 +125,40 @@ def _store_partial(part_ptr, pid, slot, n_slots, width, acc, BLOCK_D: tl.constex
 
 
 @_device_fn
+def _round_e4m3(q):
+    """`q` (fp32, |q| <= 448) rounded to the nearest float8_e4m3fn value, ties to even, still as fp32.
+
+    Done in integer arithmetic so that the cast to fp8 that follows is exact: the interpreter's own
+    fp32 -> fp8 conversion rounds ties away and drops the carry into the exponent (127.9 -> 64), while
+    the GPU's cvt.rn.satfinite rounds to nearest even. Normal range (|q| >= 2^-6): round the fp32 bit
+    pattern to 3 mantissa bits. Subnormals: multiples of 2^-9, rounded half to even, sign kept (-0.0).
+    """
+    bits = q.to(tl.uint32, bitcast=True)
+    normal = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
+    k = tl.abs(q) * 512.0
+    up = tl.floor(k + 0.5)
+    tie_odd = (up - k == 0.5) & (up - 2.0 * tl.floor(up * 0.5) != 0.0)
+    sub = (tl.where(tie_odd, up - 1.0, up) * 0.001953125).to(tl.uint32, bitcast=True) | (bits & 0x80000000)
+    return tl.where(tl.abs(q) >= 0.015625, normal, sub).to(tl.float32, bitcast=True)
+
+
+@_device_fn
+def _store_rows(ptr, scale_ptr, r64, rmask, width, value, mask, QUANT: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store rows `value` [BLOCK_M, BLOCK_D] (fp32, row stride `width`) in `ptr`'s dtype, or, with QUANT,
+    as float8_e4m3fn with one fp32 scale per row: ``inv = 448 / max(amax, 1e-30)``, ``q = value · inv``
+    stored as e4m3 and ``scale = 1 / inv``, so that ``value ≈ q · scale`` (``torch._scaled_mm``'s row-wise
+    ``scale_a``). The same arithmetic as `flowkern.ops.scores_fp8.quantize_rows` (448 = FP8_MAX there)."""
+    if QUANT:
+        amax = tl.maximum(tl.max(tl.where(mask, tl.abs(value), 0.0), axis=1), 1e-30)
+        inv = 448.0 / amax
+        q = tl.minimum(tl.maximum(value * inv[:, None], -448.0), 448.0)
+        tl.store(scale_ptr + r64, 1.0 / inv, mask=rmask)
+        _store(ptr, r64, width, _round_e4m3(q), mask, BLOCK_D)
+    else:
+        _store(ptr, r64, width, value, mask, BLOCK_D)
+
+
+@_device_fn
 def _std_normal(seed, r64, BLOCK_D: tl.constexpr):
     """ε ~ N(0, 1) for rows `r64` × columns: Philox-4x32 keyed by `seed`, counter (column, row lo, row hi, 0),
     then Box–Muller. A pure function of (seed, row, column): the backward pass regenerates the same ε."""
@@ -244,17 +278,19 @@ def cond_kernel(cl_ptr, et_ptr, el_ptr, el_stride, y_ptr, sy_ptr,
 # Largest offset: r·ada_stride into the adaLN output (R·N·3W, the largest): int64 rows.
 @triton.jit
 def modulate_kernel(a_ptr, gate_ptr, gate_stride, z2_ptr, shift_ptr, scale_ptr, ada_stride, w_ptr,
-                    a_out_ptr, h_ptr, rstd_ptr, rows, width, eps, rows_per_prog,
-                    RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                    a_out_ptr, h_ptr, h_scale_ptr, rstd_ptr, rows, width, eps, rows_per_prog,
+                    RESIDUAL: tl.constexpr, QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """[``a = a + gate·z2`` (the previous block's residual, when RESIDUAL)], then
     ``h = RMSNorm(a)·(1 + scale) + shift`` and ``rstd = 1/sqrt(mean(a²) + eps)``.
 
-    Fusing block k's gate/residual with block k+1's norm saves one read of a.
+    Fusing block k's gate/residual with block k+1's norm saves one read of a. Arithmetic rounds to a's
+    dtype; with QUANT (fp8 scoring, `flowkern.ops.scores_gemm`) h is stored as e4m3 with one scale per
+    row in `h_scale_ptr` (`_store_rows`), otherwise `h_scale_ptr` is never read.
     Bytes: reads a, shift, scale (+ gate, z2), writes h (+ a) and rstd (4 B) -> 4 units
     (7 with the residual), 112 (196) µs floor; ~12 FLOP per element.
     """
     pid = tl.program_id(0)
-    DT = h_ptr.dtype.element_ty
+    DT = a_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK_D)
     w = tl.load(w_ptr + cols, mask=cols < width, other=0.0).to(tl.float32)
     for i in range(0, rows_per_prog, BLOCK_M):
@@ -268,7 +304,8 @@ def modulate_kernel(a_ptr, gate_ptr, gate_stride, z2_ptr, shift_ptr, scale_ptr, 
         tl.store(rstd_ptr + r64, rstd, mask=rmask)
         shift = _load(shift_ptr, r64, ada_stride, mask, BLOCK_D)
         scale = _load(scale_ptr, r64, ada_stride, mask, BLOCK_D)
-        _store(h_ptr, r64, width, _modulate(a, rstd, w, shift, scale, DT), mask, BLOCK_D)
+        _store_rows(h_ptr, h_scale_ptr, r64, rmask, width, _rnd(_modulate(a, rstd, w, shift, scale, DT), DT), mask,
+                    QUANT, BLOCK_D)
 
 
 # Largest offset: r·W into v and noise (R·N·W): int64 rows; part[pid] is small.
