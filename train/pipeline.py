@@ -19,7 +19,9 @@ from .config import TrainConfig
 from .context import MetricsLog, Run
 from .evaluate import plot_curves, run_diagnostics, write_summary
 from .flow_pretrain import run_flow_pretrain
+from .models import MODELS, load_model, resolve_model
 from .policy import PolicySpec, build_policy, count_parameters, load_policy
+from .real_tasks import load_asdiv, parse_task, task_splits, with_chat_prompts
 from .rl import run_rl
 from .sft import run_sft
 from .task import make_splits
@@ -52,6 +54,7 @@ def _say(info: D.DistInfo, msg: str) -> None:
 def setup(cfg: TrainConfig, info: D.DistInfo) -> Run:
     """Build (or restore from a checkpoint) everything a run needs."""
     out = Path(cfg.out)
+    task = parse_task(cfg.task, cfg.task_options)
     ckpt_path: Optional[Path] = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and ckpt_path is None:
         _say(info, f"[train] --resume: no checkpoint in {out}/ckpt, starting fresh")
@@ -61,13 +64,21 @@ def setup(cfg: TrainConfig, info: D.DistInfo) -> Run:
     if info.main:
         out.mkdir(parents=True, exist_ok=True)
         if fresh:  # a new run in this directory: drop the previous run's log and checkpoints
-            for stale in ("metrics.jsonl", "summary.json"):
+            for stale in ("metrics.jsonl", "summary.json", "flow_traces.jsonl"):
                 (out / stale).unlink(missing_ok=True)
             shutil.rmtree(out / "ckpt", ignore_errors=True)
         cfg.save(out / "config.json")
+        # downloads happen once, here, before any other rank reads the cache
+        if cfg.model in MODELS and ckpt_path is None:
+            resolve_model(cfg.model)
+        if task.kind == "asdiv":
+            load_asdiv()
     D.barrier(info)
 
-    train, heldout = make_splits(cfg.seed, cfg.n_train, cfg.n_heldout, cfg.task_spec())
+    if task.real:
+        train, heldout = task_splits(task, cfg.seed, cfg.n_train, cfg.n_heldout, progress=info.main)
+    else:
+        train, heldout = make_splits(cfg.seed, cfg.n_train, cfg.n_heldout, cfg.task_spec())
     generator = torch.Generator().manual_seed(cfg.seed)
     metrics = MetricsLog(out / "metrics.jsonl", enabled=info.main)
     fcfg = cfg.flow_config()
@@ -92,7 +103,7 @@ def setup(cfg: TrainConfig, info: D.DistInfo) -> Run:
     else:
         torch.manual_seed(cfg.seed * 1000 + info.rank)
         if cfg.model:
-            policy, tokenizer = load_policy(cfg.model, info.device)
+            policy, tokenizer = load_model(cfg.model, info.device, progress=info.main)
         else:
             tokenizer = build_tokenizer(p.text for p in train[:2000])
             spec = PolicySpec(hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, intermediate=cfg.intermediate)
@@ -103,6 +114,8 @@ def setup(cfg: TrainConfig, info: D.DistInfo) -> Run:
             torch.manual_seed(cfg.seed + 1)
             field = VelocityField(dim, fcfg.depth, eps=eps).to(info.device)
         summary = {}
+    if task.real:
+        train, heldout = with_chat_prompts(tokenizer, train), with_chat_prompts(tokenizer, heldout)
     D.broadcast_module(field, info)
     run = Run(cfg=cfg, info=info, out=out, tokenizer=tokenizer, policy=policy, field=field, flow_config=fcfg,
               train=train, heldout=heldout, generator=generator, metrics=metrics, summary=summary, **resume)

@@ -96,6 +96,7 @@ def rl_step(run: Run, ddp: torch.nn.Module, opt: torch.optim.Optimizer,
     metrics = {"reward": outcome.mean().item(), "loss": loss.item(), "clip_frac": clip_frac.item(),
                "entropy": masked_token_mean(ent, action).item(),
                "response_len": action.sum(-1).float().mean().item(), "gen_s": t_gen,
+               "gen_tokens_per_s": action.sum().item() / max(t_gen, 1e-9),
                "flow_reward": masked_token_mean(token_rewards, action).item(),
                "flow_reward_nonzero": masked_token_mean((token_rewards != 0).float(), action).item()}
     if flow_opt is not None and cfg.flow_max_tokens is not None:  # bounded: chunks, gradients summed over ranks
@@ -115,6 +116,7 @@ def rl_step(run: Run, ddp: torch.nn.Module, opt: torch.optim.Optimizer,
         D.average_gradients(run.field.parameters(), info)
         flow_opt.step()
         metrics["flow_loss"] = floss.item()
+    metrics["step_s"] = time.perf_counter() - t0  # generation to the last update, on this rank
     run.last_rollout = {"action_mask": action, "token_rewards": token_rewards, "advantages": adv.detach(),
                         "outcome": outcome}
     return metrics

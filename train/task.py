@@ -22,6 +22,7 @@ the train split).
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -31,7 +32,7 @@ except Exception:  # pragma: no cover - depends on the environment
     _math_verify = None
 
 HAS_MATH_VERIFY = _math_verify is not None
-VERIFIERS = ("auto", "exact", "math-verify")
+VERIFIERS = ("auto", "exact", "numeric", "math-verify")
 OPS = ("+", "-", "*")
 
 
@@ -182,34 +183,72 @@ def extract_boxed(text: str) -> Optional[str]:
     return None
 
 
+_ANSWER_IS = re.compile(r"answer is\W*?(-?[\d,]*\.?\d+)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_final_answer(text: str) -> Optional[str]:
+    """The final answer of a free-form response: the last ``\\boxed{}`` content, else the number after the last
+    "answer is", else the last number in `text` (commas dropped); None when there is none."""
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        return boxed
+    found = _ANSWER_IS.findall(text) or _NUMBER.findall(text)
+    return found[-1].replace(",", "") if found else None
+
+
+def _as_number(text: str) -> Optional[float]:
+    try:
+        return float(str(text).replace(",", "").strip())
+    except ValueError:
+        return None
+
+
 def verify(response: str, answer: object, method: str = "auto") -> bool:
-    """Whether `response` boxes the right answer.
+    """Whether `response` gives the right answer.
 
     Methods:
         ``exact``: the boxed content parses as an integer equal to `answer`
         (the embedded task's checker).
-        ``math-verify``: `math_verify.parse` / `math_verify.verify` on the boxed
-        expression (needs the optional ``math-verify`` package).
-        ``auto``: exact integer match when `answer` is an integer, otherwise
+        ``numeric``: the final answer (`extract_final_answer`: boxed, else after
+        "answer is", else the last number) equals `answer` as a number (relative
+        tolerance 1e-6); math-verify is tried next where it is installed.
+        ``math-verify``: `math_verify.parse` / `math_verify.verify` on the final
+        answer (needs the optional ``math-verify`` package).
+        ``auto``: exact for an integer `answer` (the embedded task), numeric for
+        an answer that reads as a number (the real tasks), otherwise
         math-verify when installed, otherwise normalised string equality.
     """
     if method not in VERIFIERS:
         raise ValueError(f"verifier must be one of {VERIFIERS}, got {method!r}")
-    boxed = extract_boxed(response)
-    if boxed is None:
+    if method == "auto":
+        if isinstance(answer, int) and not isinstance(answer, bool):
+            method = "exact"
+        elif _as_number(answer) is not None:
+            method = "numeric"
+    if method == "exact":
+        boxed = extract_boxed(response)
+        try:
+            return boxed is not None and int(boxed) == answer
+        except ValueError:
+            return False
+    final = extract_final_answer(response)
+    if final is None:
         return False
-    if method == "math-verify" or (method == "auto" and not isinstance(answer, int) and HAS_MATH_VERIFY):
+    if method == "numeric":
+        got, want = _as_number(final), _as_number(answer)
+        if got is not None and want is not None and abs(got - want) <= 1e-6 * max(1.0, abs(want)):
+            return True
+        if not HAS_MATH_VERIFY:
+            return False
+        method = "math-verify"
+    if method == "math-verify" or HAS_MATH_VERIFY:
         if not HAS_MATH_VERIFY:
             raise RuntimeError("verifier 'math-verify' needs the optional package: pip install math-verify")
         gold = _math_verify.parse(f"\\boxed{{{answer}}}")
-        pred = _math_verify.parse(f"\\boxed{{{boxed}}}")
+        pred = _math_verify.parse(f"\\boxed{{{final}}}")
         return bool(_math_verify.verify(gold, pred))
-    if isinstance(answer, int) and not isinstance(answer, bool):
-        try:
-            return int(boxed) == answer
-        except ValueError:
-            return False
-    return boxed == str(answer).replace(" ", "")
+    return final == str(answer).replace(" ", "")
 
 
 def verify_batch(responses: Sequence[str], answers: Iterable[object], method: str = "auto") -> list[bool]:
