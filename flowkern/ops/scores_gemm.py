@@ -78,6 +78,20 @@ def score_route(device: torch.device) -> str:
 
 # --------------------------------------------------------------------------- row kernels
 
+@triton.jit
+def _eps_rows(noise_ptr, stride_nj, stride_nr, seed_ptr, j, tok, row0, QD, mask,
+              HAS_NOISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """ε [BLOCK_M, BLOCK_D] fp32 of timestep rows `j` and tokens `tok`: loaded ([n, D] or [J, n, D] strides, int64
+    offsets j·stride_nj + tok·stride_nr) when HAS_NOISE, else Philox ε of global token row0 + tok (`scores._normal_tile`)."""
+    if HAS_NOISE:
+        cols = tl.arange(0, BLOCK_D)
+        eps = tl.load(noise_ptr + j[:, None].to(tl.int64) * stride_nj + tok[:, None] * stride_nr + cols[None, :],
+                      mask=mask, other=0.0).to(tl.float32)
+    else:
+        eps = scores._normal_tile(tl.load(seed_ptr), row0 + tok, 0, QD, BLOCK_M, BLOCK_D)
+    return eps
+
+
 @triton.jit(do_not_specialize=["row0"])
 def _interp_rows_kernel(x1_ptr, x1_stride, noise_ptr, stride_nj, stride_nr, tau_ptr, omt_ptr, out_ptr, out_scale_ptr,
                         rows, n_tok, width, row0, seed_ptr, QD, rows_per_prog,
@@ -95,12 +109,7 @@ def _interp_rows_kernel(x1_ptr, x1_stride, noise_ptr, stride_nj, stride_nr, tau_
         j = r // n_tok
         tok = (r % n_tok).to(tl.int64)
         x1 = kern._load(x1_ptr, tok, x1_stride, mask, BLOCK_D)
-        if HAS_NOISE:
-            cols = tl.arange(0, BLOCK_D)
-            eps = tl.load(noise_ptr + j[:, None].to(tl.int64) * stride_nj + tok[:, None] * stride_nr + cols[None, :],
-                          mask=mask, other=0.0).to(tl.float32)
-        else:
-            eps = scores._normal_tile(tl.load(seed_ptr), row0 + tok, 0, QD, BLOCK_M, BLOCK_D)
+        eps = _eps_rows(noise_ptr, stride_nj, stride_nr, seed_ptr, j, tok, row0, QD, mask, HAS_NOISE, BLOCK_M, BLOCK_D)
         tau = tl.load(tau_ptr + j, mask=rmask, other=0.0)[:, None]
         omt = tl.load(omt_ptr + j, mask=rmask, other=0.0)[:, None]
         x_t = kern._rnd(tau * x1 + omt * eps, DT)
@@ -167,12 +176,7 @@ def _score_rows_kernel(v_ptr, x1_ptr, x1_stride, noise_ptr, stride_nj, stride_nr
         r, r64, rmask, mask = kern._tile(pid * rows_per_prog + i, rows, width, BLOCK_M, BLOCK_D)
         j = r // n_tok
         tok = (r % n_tok).to(tl.int64)
-        if HAS_NOISE:
-            cols = tl.arange(0, BLOCK_D)
-            eps = tl.load(noise_ptr + j[:, None].to(tl.int64) * stride_nj + tok[:, None] * stride_nr + cols[None, :],
-                          mask=mask, other=0.0).to(tl.float32)
-        else:
-            eps = scores._normal_tile(tl.load(seed_ptr), row0 + tok, 0, QD, BLOCK_M, BLOCK_D)
+        eps = _eps_rows(noise_ptr, stride_nj, stride_nr, seed_ptr, j, tok, row0, QD, mask, HAS_NOISE, BLOCK_M, BLOCK_D)
         diff = kern._load(v_ptr, r64, width, mask, BLOCK_D) - (kern._load(x1_ptr, tok, x1_stride, mask, BLOCK_D) - eps)
         diff = tl.where(mask, diff, 0.0)
         weight = tl.load(weight_ptr + j, mask=rmask, other=0.0)
