@@ -384,7 +384,9 @@ def test_compare_mode_table(tmp_path, capsys):
     result = run_compare(cfg, seeds=[0, 1], arms=["none", "flow"])
     table = result["table"]
     assert "| SFT start (no RL) |" in table and "| RL, shaping=none |" in table and "| RL, shaping=flow |" in table
-    assert table.count("±") == 2 + 3 * 2 + 2 * 2  # header + 3 rows x 2 columns, 2 paired tables (header + row)
+    assert table.count("±") == 3 + 3 * 3 + 2 * 2  # header + 3 rows x 3 columns, 2 paired tables (header + row)
+    for per_seed in result["results"].values():  # sampled accuracy: a share of the k samples, at most pass@k
+        assert all(0.0 <= r["sampled_acc"] <= r[f"pass@{cfg.pass_k}"] for r in per_seed.values())
     assert "| flow − none |" in table and "flow − none = " in table  # paired difference and its verdict
     assert set(result["results"]["flow"]) == {0, 1}
     md = (tmp_path / "cmp" / "compare.md").read_text()

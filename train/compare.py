@@ -4,8 +4,9 @@ For each seed one base run does SFT and flow pretraining (``<out>/seed<S>/base``
 every arm then starts from that same checkpoint (same weights, same RNG state,
 same prompt order) and runs the same number of GRPO steps with the same batch,
 so the arms differ only in how advantages are shaped. The table reports
-held-out greedy pass@1 and pass@k as mean ± the half-width of a 95% Student-t
-confidence interval over seeds, then the paired per-seed difference of each arm
+held-out greedy pass@1, pass@k and the sampled accuracy (share of the k samples
+at the training temperature that are right: what GRPO's reward estimates) as
+mean ± the half-width of a 95% Student-t confidence interval over seeds, then the paired per-seed difference of each arm
 against ``none`` with its 95% CI and a verdict sentence read off that interval.
 """
 
@@ -96,17 +97,18 @@ def format_table(results: dict[str, dict[int, dict[str, float]]], seeds: Sequenc
     """Markdown: per arm (plus the SFT start) mean ± 95% CI of pass@1 / pass@k and per-seed pass@1;
     then the paired differences against ``none`` and their verdicts."""
     lines = [f"| run | held-out pass@1 (mean ± 95% CI) | pass@{k} (mean ± 95% CI) "
-             f"| pass@1 per seed ({', '.join(map(str, seeds))}) |",
-             "|---|---:|---:|---|"]
+             f"| sampled accuracy (mean ± 95% CI) | pass@1 per seed ({', '.join(map(str, seeds))}) |",
+             "|---|---:|---:|---:|---|"]
     for arm, per_seed in results.items():
         got = [s for s in seeds if s in per_seed]
         if not got:
             continue
         p1 = [per_seed[s]["pass@1"] for s in got]
         pk = [per_seed[s][f"pass@{k}"] for s in got]
+        acc = [per_seed[s]["sampled_acc"] for s in got if "sampled_acc" in per_seed[s]]  # older runs lack it
         label = "SFT start (no RL)" if arm == "sft" else f"RL, shaping={arm}"
         lines.append(f"| {label} | {_pm(*mean_ci(p1))} | {_pm(*mean_ci(pk))} | "
-                     f"{', '.join(f'{v:.3f}' for v in p1)} |")
+                     f"{_pm(*mean_ci(acc)) if len(acc) == len(got) else '—'} | {', '.join(f'{v:.3f}' for v in p1)} |")
     sentences = []
     for key in ("pass@1", f"pass@{k}"):
         diffs = paired_differences(results, seeds, key)

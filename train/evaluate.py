@@ -28,10 +28,12 @@ _CONNECTIVE_PUNCT = {",", ".", ";", ":"}
 
 @torch.no_grad()
 def evaluate_policy(run: Run, problems: Sequence[Problem], desc: str = "eval") -> dict[str, float]:
-    """Greedy pass@1 and sampled pass@k (k = ``cfg.pass_k`` samples, temperature ``cfg.temperature``).
+    """Greedy pass@1, sampled pass@k and sampled accuracy (k = ``cfg.pass_k`` samples at ``cfg.temperature``).
 
     pass@k is the fraction of problems with at least one correct sample among
-    k. Problems are split over ranks and the counts summed.
+    k; ``sampled_acc`` is the fraction of all k samples that are correct (the
+    quantity GRPO's outcome reward estimates, where pass@1 is greedy).
+    Problems are split over ranks and the counts summed.
     """
     cfg, tok = run.cfg, run.tokenizer
     mine = D.shard_uneven(list(problems), run.info)
@@ -39,7 +41,7 @@ def evaluate_policy(run: Run, problems: Sequence[Problem], desc: str = "eval") -
     per_call = max(1, SAMPLED_ROWS // k)
     chunks = [("greedy", mine[i:i + GREEDY_CHUNK]) for i in range(0, len(mine), GREEDY_CHUNK)]
     chunks += [("sampled", mine[i:i + per_call]) for i in range(0, len(mine), per_call)]
-    greedy_ok = sampled_ok = length = 0.0
+    greedy_ok = sampled_ok = sampled_right = length = 0.0
     bar = run.progress(len(chunks), 0, desc)
     for kind, chunk in chunks:
         prompts = [p.prompt for p in chunk]
@@ -55,11 +57,14 @@ def evaluate_policy(run: Run, problems: Sequence[Problem], desc: str = "eval") -
             ok = verify_batch(decode_responses(tok, batch), [p.answer for p in chunk for _ in range(k)],
                               cfg.verifier)
             sampled_ok += torch.tensor(ok).view(len(chunk), k).any(-1).sum().item()
+            sampled_right += sum(ok)
         bar.update(1)
     bar.close()
-    greedy_ok, sampled_ok, length, n = D.all_sum([greedy_ok, sampled_ok, length, len(mine)], run.info)
+    greedy_ok, sampled_ok, sampled_right, length, n = D.all_sum(
+        [greedy_ok, sampled_ok, sampled_right, length, len(mine)], run.info)
     n = max(n, 1.0)
-    return {"pass@1": greedy_ok / n, f"pass@{k}": sampled_ok / n, "pass_k": float(k),
+    return {"pass@1": greedy_ok / n, f"pass@{k}": sampled_ok / n, "sampled_acc": sampled_right / (n * k),
+            "pass_k": float(k),
             "eval_response_len": length / n, "n_eval": n}
 
 
