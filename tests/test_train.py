@@ -25,7 +25,8 @@ from train.cli import parse_config
 from train.compare import mean_ci, mean_std, paired_differences, run_compare, t_quantile, verdict
 from train.distributed import DistInfo
 from train.pipeline import run_pipeline
-from train.policy import encode_traces, load_policy, response_mask
+from train.policy import PolicySpec, build_policy, encode_prompts, encode_traces, forward_logprobs, generate, load_policy
+from train.policy import response_mask
 from train.rl import entropy_advantage, ppo_clip_loss
 from train.sweep import run_sweep
 from train.evaluate import first_error_positions
@@ -168,6 +169,33 @@ def test_layout_masks():
     r = torch.tensor([[5, 6, 1, 0, 0], [5, 1, 1, 7, 0], [5, 6, 7, 8, 9]])
     assert response_mask(r, eos_id=1).tolist() == [[True, True, True, False, False],
                                                   [True, True, False, False, False], [True] * 5]
+
+
+def test_rollouts_are_scored_with_the_log_probs_they_were_sampled_with():
+    """GRPO is on-policy only if forward_logprobs gives each sampled token the probability HF generate drew it with
+    (left-padded prompts of different lengths, KV cache, temperature)."""
+    train, _ = make_splits(0, 40, 2)
+    tok = build_tokenizer(p.text for p in train)
+    model = build_policy(tok, PolicySpec(hidden=32, layers=2, heads=2, intermediate=64), seed=0).eval()
+    prompts = [p.prompt for p in train[:6]]
+    ids, am = encode_prompts(tok, prompts)
+    assert (am == 0).any()  # some prompts are left-padded
+    torch.manual_seed(0)
+    out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=12, do_sample=True, temperature=0.7,
+                         top_k=0, top_p=1.0, output_logits=True, return_dict_in_generate=True,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    P = ids.shape[1]
+    drawn = torch.stack([torch.log_softmax(x.float() / 0.7, -1) for x in out.logits], 1)
+    drawn = drawn.gather(-1, out.sequences[:, P:, None]).squeeze(-1)
+    torch.manual_seed(0)
+    batch = generate(model, tok, prompts, max_new_tokens=12, temperature=0.7)
+    assert torch.equal(batch["input_ids"][:, :P], out.sequences[:, :P])
+    act = batch["action_mask"][:, P:]
+    assert torch.equal(batch["input_ids"][:, P:][act], out.sequences[:, P:][act])  # same draws
+    with torch.no_grad():
+        logp, _ = forward_logprobs(model, batch, temperature=0.7)
+    assert act.sum() > 20
+    torch.testing.assert_close(logp[:, P:][act], drawn[act], atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------- losses

@@ -73,7 +73,7 @@ class TrainConfig:
     heads: int = _f(4, "tiny decoder attention heads")
     intermediate: int = _f(512, "tiny decoder MLP size")
     # SFT
-    sft_steps: int = _f(500, "SFT steps on expert traces")
+    sft_steps: int = _f(330, "SFT steps on expert traces")
     sft_batch: int = _f(64, "SFT batch size (global)")
     sft_lr: float = _f(2e-3, "SFT peak learning rate (warmup then cosine)")
     # flow
