@@ -124,6 +124,46 @@ def format_table(results: dict[str, dict[int, dict[str, float]]], seeds: Sequenc
     return "\n".join(lines)
 
 
+def format_diagnostics(root: Path, seeds: Sequence[int], arms: Sequence[str]) -> str:
+    """Markdown: per arm, the flow diagnostic of its final policy (layer average) averaged over the seeds that
+    wrote one: AUROC of the sequence-mean deviation (wrong vs right), AUROC of the first wrong token against
+    right tokens of its class, and the mean shaped flow reward per token class. Empty if no run wrote one."""
+    rows = []
+    for arm in arms:
+        got = []
+        for seed in seeds:
+            path = root / f"seed{seed}" / arm / "summary.json"
+            summary = json.loads(path.read_text()) if path.exists() else {}
+            if "diagnostics" in summary and "token_classes" in summary:
+                got.append(summary)
+        if not got:
+            continue
+        classes = [c["class"] for c in got[0]["token_classes"]]
+
+        def avg(values: list[float]) -> str:
+            finite = [v for v in values if v is not None and not math.isnan(v)]
+            return _pm(*mean_ci(finite)) if finite else "—"
+
+        layer = [g["diagnostics"]["layer_average"] for g in got]
+        reward = {c: [next(t["mean_reward"] for t in g["token_classes"] if t["class"] == c) for g in got]
+                  for c in classes}
+        rows.append((arm, len(got), avg([x["seq_auroc"] for x in layer]), avg([x["first_error_auroc"] for x in layer]),
+                     [f"{sum(v) / len(v):+.5f}" for v in reward.values()], classes,
+                     sum(g["diagnostics"]["n_rollouts"] for g in got), sum(g["diagnostics"]["n_wrong"] for g in got)))
+    if not rows:
+        return ""
+    classes = rows[0][5]
+    lines = ["Flow diagnostic of each arm's final policy (layer average, held-out rollouts at the training "
+             "temperature; AUROCs as mean ± 95% CI over seeds, shaped flow reward per token class as the mean over "
+             "seeds):", "",
+             "| arm | seeds | rollouts (wrong) | AUROC seq-mean | AUROC first-wrong vs same-class right | "
+             + " | ".join(f"reward {c}" for c in classes) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(classes)]
+    for arm, n, seq, first, rewards, _, n_roll, n_wrong in rows:
+        lines.append(f"| {arm} | {n} | {n_roll} ({n_wrong}) | {seq} | {first} | " + " | ".join(rewards) + " |")
+    return "\n".join(lines)
+
+
 def _done(out: Path, key: str) -> dict[str, Any] | None:
     path = out / "summary.json"
     if not path.exists():
@@ -180,6 +220,7 @@ def run_compare(cfg: TrainConfig, seeds: Sequence[int], arms: Sequence[str] = SH
     head = (f"compare: {len(seeds)} seeds, {cfg.rl_steps} GRPO steps x {cfg.batch_size} rollouts per arm "
             f"(group {cfg.group_size}), {cfg.sft_steps} SFT steps, {cfg.flow_steps} flow steps; "
             f"wall time {wall:.0f} s for `{shlex.join(['python', '-m', 'train', *sys.argv[1:]])}`")
-    (root / "compare.md").write_text(f"{head}\n\n{table}\n")
-    print(f"\n{head}\n{table}", flush=True)
+    diag = format_diagnostics(root, seeds, arms)
+    (root / "compare.md").write_text(f"{head}\n\n{table}\n" + (f"\n{diag}\n" if diag else ""))
+    print(f"\n{head}\n{table}" + (f"\n\n{diag}" if diag else ""), flush=True)
     return {"table": table, "results": results, "wall_s": wall}
