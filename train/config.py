@@ -65,7 +65,7 @@ class TrainConfig:
     max_operand: int = _f(20, "largest operand")
     max_value: int = _f(60, "largest intermediate value")
     direct_share: float = _f(0.0, "share of expert traces that state the answer without the chain of thought "
-                                  "(the old regime: --max-operand 9 --max-value 30 --direct-share 0.5)")
+                                  "(the old regime: --max-operand 9 --max-value 30 --direct-share 0.5 --sft-steps 500)")
     verifier: str = _f("auto", "answer checker: auto, exact or math-verify")
     # embedded policy
     hidden: int = _f(128, "tiny decoder hidden size")
