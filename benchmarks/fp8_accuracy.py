@@ -420,6 +420,7 @@ BF16 = "bf16 (the reference's arithmetic, both bf16 routes)"
 DEFAULT = f"fp8 default: raw-latent and output GEMMs in bf16 (raw={scores_fp8.RAW_GEMMS!r})"
 STREAM32 = "emulated: bf16 GEMMs, fp32 residual stream"
 ADALN = "emulated: fp8 adaLN and mlp.0 GEMMs only, fp32 stream"
+MLP2 = "emulated: fp8 default, mlp.2 in bf16 too"
 
 
 def scorers() -> dict[str, Scorer]:
@@ -431,11 +432,14 @@ def scorers() -> dict[str, Scorer]:
         "fp8, raw-latent GEMMs in bf16 (raw='bf16')": _real_fp8("bf16"),
         "fp8, every GEMM (raw='fp8')": _real_fp8("fp8"),
         "fp8, raw-latent GEMMs smoothed (raw='smooth')": _real_fp8("smooth"),
-        "emulated: fp8 default, mlp.2 in bf16 too": _emulated(Recipe(_MIDDLE)),
+        MLP2: _emulated(Recipe(_MIDDLE)),
         STREAM32: _emulated(Recipe(stream32=True)),
         "emulated: fp8 adaLN shift/scale GEMMs only, fp32 stream": _emulated(Recipe(frozenset({"shift_scale"}),
                                                                                    stream32=True)),
+        "emulated: fp8 mlp.2 GEMM only, fp32 stream": _emulated(Recipe(frozenset({"mlp2"}), stream32=True)),
+        "emulated: fp8 output GEMM only, fp32 stream": _emulated(Recipe(frozenset({"final"}), stream32=True)),
         ADALN: _emulated(Recipe(_MIDDLE, stream32=True)),
+        ADALN + ", weight scales per 128 channels of K": _emulated(Recipe(_MIDDLE, None, "group", 128, True)),
         ADALN + ", scales per 128 channels of K": _emulated(Recipe(_MIDDLE, **g128)),
         ADALN + ", 1×128 / 128×128 blocks": _emulated(Recipe(_MIDDLE, **{**g128, "weight": "block"})),
         "emulated: fp8 default, fp32 stream, scales per 128 channels of K": _emulated(

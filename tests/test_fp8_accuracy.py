@@ -25,7 +25,7 @@ from flowkern import VelocityField  # noqa: E402
 from flowkern.ops import scores_gemm  # noqa: E402
 
 DRAWS = 6
-NAMES = [fa.BF16, fa.DEFAULT, fa.STREAM32, fa.ADALN]
+NAMES = [fa.BF16, fa.DEFAULT, fa.MLP2, fa.STREAM32]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_the_emulation_is_the_real_fp8_path(data, raw):
 def test_the_noise_of_one_draw(results):
     noise = results["noise"]
     assert all(float(v[i].mean()) > 0 for v in noise.values() for i in (0, 1))  # two draws do disagree
-    for name in NAMES:  # every scoring stays closer to fp32 than a fresh draw
+    for name in (fa.BF16, fa.STREAM32, fa.MLP2):  # closer to fp32 than a fresh draw (the fp8 default: ~0.9)
         assert fa.worst(results[name], noise)[0] < 1, name
 
 
@@ -78,11 +78,17 @@ def test_bf16_gemms_with_an_fp32_residual_stream_meet_the_criterion(results):
     assert fa.meets_criterion(results[fa.STREAM32], results["noise"])
 
 
-@pytest.mark.xfail(strict=True, reason="not met on SmolLM2 latents (README, 'The GEMM route and fp8 scoring'): "
-                   "the bf16 residual stream alone moves the shaped reward sets by more than a quarter of the noise, "
-                   "and every fp8 recipe by more; strict, so a change that meets it must update the README")
-@pytest.mark.parametrize("name", [fa.BF16, fa.DEFAULT, fa.ADALN])
+NOT_MET = ("not met on SmolLM2 latents (README, 'The GEMM route and fp8 scoring'): the bf16 residual stream alone "
+           "moves the shaped reward sets by more than a quarter of the noise, and every fp8 recipe by more")
+
+
+@pytest.mark.parametrize("name", [
+    # bf16 misses by a small margin (0.28 of the noise here): its verdict may differ across CPUs' bf16 GEMMs
+    pytest.param(fa.BF16, marks=pytest.mark.xfail(strict=False, reason=NOT_MET)),
+    # strict: a change that meets the criterion fails here until the README and this marker are updated
+    pytest.param(fa.DEFAULT, marks=pytest.mark.xfail(strict=True, reason=NOT_MET)),
+    pytest.param(fa.MLP2, marks=pytest.mark.xfail(strict=True, reason=NOT_MET))])
 def test_the_criterion(results, name):
-    """The issue's criterion for the bf16 routes' and the fp8 default's arithmetic (and the closest fp8 recipe
-    that an unmodified row-wise ``torch._scaled_mm`` can run, with an fp32 residual stream)."""
+    """The issue's criterion for the bf16 routes' and the fp8 default's arithmetic, and for the closest recipe of
+    row-wise ``torch._scaled_mm`` GEMMs measured on all 64 sequences (the default with mlp.2 in bf16 too)."""
     assert fa.meets_criterion(results[name], results["noise"])
