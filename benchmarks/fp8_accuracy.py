@@ -274,7 +274,10 @@ class Recipe:
     weight: "row" (one scale per output channel), "group" (per output channel and `weight_group` channels
     of K) or "block" (`weight_group` × `weight_group` tiles). stream32: the residual stream and the row
     arithmetic between GEMMs in fp32 (rounded only where a GEMM reads them); otherwise in bf16 like the
-    kernels (the bf16 reference's roundings).
+    kernels (the bf16 reference's roundings). dither: when non-zero, every weight scale is multiplied by
+    2^u, u ~ U[0, 1) drawn from a generator seeded by `dither` and the GEMM: another, equally fine e4m3
+    rounding of the same weights (scales only matter modulo powers of two), to measure how much a verdict
+    owes to the one rounding a flow gets.
     """
 
     fp8: frozenset = dc_field(default_factory=frozenset)
@@ -282,27 +285,37 @@ class Recipe:
     weight: str = "row"
     weight_group: int = 128
     stream32: bool = False
+    dither: int = 0
 
 
-def _fake_e4m3(x: torch.Tensor, group: Optional[int]) -> torch.Tensor:
-    """[M, K] rounded to e4m3 with one fp32 scale (amax / 448) per row or per `group` channels (zero-padded K)."""
+def _dither(scale_inv: torch.Tensor, gen: Optional[torch.Generator]) -> torch.Tensor:
+    """`scale_inv` / 2^u, u ~ U[0, 1) per entry (no saturation: values shrink), or itself without `gen`."""
+    return scale_inv if gen is None else scale_inv * torch.exp2(-torch.rand(scale_inv.shape, generator=gen))
+
+
+def _fake_e4m3(x: torch.Tensor, group: Optional[int], gen: Optional[torch.Generator] = None) -> torch.Tensor:
+    """[M, K] rounded to e4m3 with one fp32 scale (amax / 448) per row or per `group` channels (zero-padded K);
+    scales dithered by `gen` (`Recipe.dither`)."""
     m, k = x.shape
     pad = -k % group if group else 0
     xv = F.pad(x.float(), (0, pad)).view(m, -1, group or k)
-    inv = scores_fp8.FP8_MAX / xv.abs().amax(-1, keepdim=True).clamp_min(scores_fp8.FP8_TINY)
+    inv = _dither(scores_fp8.FP8_MAX / xv.abs().amax(-1, keepdim=True).clamp_min(scores_fp8.FP8_TINY), gen)
     q = (xv * inv).clamp(-scores_fp8.FP8_MAX, scores_fp8.FP8_MAX).to(scores_fp8.FP8_DTYPE).float()
     return (q * (1.0 / inv)).view(m, -1)[:, :k]
 
 
-def _fake_weight(w: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+def _fake_weight(w: torch.Tensor, recipe: Recipe, name: str) -> torch.Tensor:
+    gen = None
+    if recipe.dither:
+        gen = torch.Generator().manual_seed(recipe.dither * len(GEMMS) + GEMMS.index(name))
     if recipe.weight == "row":
-        return _fake_e4m3(w, None)
+        return _fake_e4m3(w, None, gen)
     if recipe.weight == "group":
-        return _fake_e4m3(w, recipe.weight_group)
+        return _fake_e4m3(w, recipe.weight_group, gen)
     g = recipe.weight_group
     n, k = w.shape
     wv = F.pad(w.float(), (0, -k % g, 0, -n % g)).unflatten(0, (-1, g)).unflatten(2, (-1, g))  # [N/g, g, K/g, g]
-    s = wv.abs().amax((1, 3), keepdim=True).clamp_min(scores_fp8.FP8_TINY) / scores_fp8.FP8_MAX
+    s = 1.0 / _dither(scores_fp8.FP8_MAX / wv.abs().amax((1, 3), keepdim=True).clamp_min(scores_fp8.FP8_TINY), gen)
     q = (wv / s).clamp(-scores_fp8.FP8_MAX, scores_fp8.FP8_MAX).to(scores_fp8.FP8_DTYPE).float() * s
     return q.flatten(2).flatten(0, 1)[:n, :k]
 
@@ -321,7 +334,7 @@ def emulated_scores(field: VelocityField, target: torch.Tensor, cond: torch.Tens
         weight, bias = lin.weight.detach()[start:stop].float(), lin.bias.detach()[start:stop].to(bf).float()
         x = x.to(bf).float()
         if name in recipe.fp8:
-            x, weight = _fake_e4m3(x, recipe.act_group), _fake_weight(weight, recipe)
+            x, weight = _fake_e4m3(x, recipe.act_group), _fake_weight(weight, recipe, name)
         else:
             weight = weight.to(bf).float()
         return (x @ weight.t() + bias).to(bf).float()
@@ -423,34 +436,41 @@ ADALN = "emulated: fp8 adaLN and mlp.0 GEMMs only, fp32 stream"
 MLP2 = "emulated: fp8 default, mlp.2 in bf16 too"
 
 
+_G128 = dict(act_group=128, weight="group", weight_group=128, stream32=True)
+RECIPES = {  # the emulated rows of `scorers`
+    MLP2: Recipe(_MIDDLE),
+    STREAM32: Recipe(stream32=True),
+    "emulated: fp8 adaLN shift/scale GEMMs only, fp32 stream": Recipe(frozenset({"shift_scale"}), stream32=True),
+    "emulated: fp8 mlp.2 GEMM only, fp32 stream": Recipe(frozenset({"mlp2"}), stream32=True),
+    "emulated: fp8 output GEMM only, fp32 stream": Recipe(frozenset({"final"}), stream32=True),
+    ADALN: Recipe(_MIDDLE, stream32=True),
+    ADALN + ", weight scales per 128 channels of K": Recipe(_MIDDLE, None, "group", 128, True),
+    ADALN + ", scales per 128 channels of K": Recipe(_MIDDLE, **_G128),
+    ADALN + ", 1×128 / 128×128 blocks": Recipe(_MIDDLE, **{**_G128, "weight": "block"}),
+    "emulated: fp8 default, fp32 stream, scales per 128 channels of K": Recipe(RAW_MODE_FP8["bf16-io"], **_G128),
+}
+# the recipes closest to the criterion, re-measured under other roundings of the weights (`dither_spread`)
+DITHERED = (MLP2, ADALN, ADALN + ", scales per 128 channels of K", ADALN + ", 1×128 / 128×128 blocks")
+
+
 def scorers() -> dict[str, Scorer]:
-    """The scorings compared with fp32 under the same ε: the real paths, then emulated recipes."""
-    g128 = dict(act_group=128, weight="group", weight_group=128, stream32=True)
+    """The scorings compared with fp32 under the same ε: the real paths, then the emulated `RECIPES`."""
     return {
         BF16: _bf16,
         DEFAULT: _real_fp8(scores_fp8.RAW_GEMMS),
         "fp8, raw-latent GEMMs in bf16 (raw='bf16')": _real_fp8("bf16"),
         "fp8, every GEMM (raw='fp8')": _real_fp8("fp8"),
         "fp8, raw-latent GEMMs smoothed (raw='smooth')": _real_fp8("smooth"),
-        MLP2: _emulated(Recipe(_MIDDLE)),
-        STREAM32: _emulated(Recipe(stream32=True)),
-        "emulated: fp8 adaLN shift/scale GEMMs only, fp32 stream": _emulated(Recipe(frozenset({"shift_scale"}),
-                                                                                   stream32=True)),
-        "emulated: fp8 mlp.2 GEMM only, fp32 stream": _emulated(Recipe(frozenset({"mlp2"}), stream32=True)),
-        "emulated: fp8 output GEMM only, fp32 stream": _emulated(Recipe(frozenset({"final"}), stream32=True)),
-        ADALN: _emulated(Recipe(_MIDDLE, stream32=True)),
-        ADALN + ", weight scales per 128 channels of K": _emulated(Recipe(_MIDDLE, None, "group", 128, True)),
-        ADALN + ", scales per 128 channels of K": _emulated(Recipe(_MIDDLE, **g128)),
-        ADALN + ", 1×128 / 128×128 blocks": _emulated(Recipe(_MIDDLE, **{**g128, "weight": "block"})),
-        "emulated: fp8 default, fp32 stream, scales per 128 channels of K": _emulated(
-            Recipe(RAW_MODE_FP8["bf16-io"], **g128)),
+        **{name: _emulated(recipe) for name, recipe in RECIPES.items()},
     }
 
 
 def measure(field: VelocityField, lat: Latents, draws: int = 3, names: Optional[list[str]] = None,
-            seed: int = 0, progress: bool = False) -> dict[str, Disagreement]:
+            seed: int = 0, progress: bool = False, table: Optional[dict[str, Scorer]] = None
+            ) -> dict[str, Disagreement]:
     """Per-sequence disagreements over `draws` ε draws (concatenated): {"noise": fp32 ε_i vs fp32 ε_(i+1),
-    name: name under ε_i vs fp32 under ε_i} for the `scorers` named (default: all)."""
+    name: name under ε_i vs fp32 under ε_i} for the scorings of `table` (default `scorers()`) named in `names`
+    (default: all)."""
     pairs = _pairs(lat)
     config = FlowConfig(topk=TOPK)
     n_seq = lat.hidden[0].shape[0]
@@ -465,7 +485,7 @@ def measure(field: VelocityField, lat: Latents, draws: int = 3, names: Optional[
 
     ref = [score(_fp32, e) for e in eps]
     out = {"noise": cat([disagreement(ref[i], ref[i + 1], lat, config) for i in range(draws)])}
-    for name, fn in scorers().items():
+    for name, fn in (scorers() if table is None else table).items():
         if names is None or name in names:
             start = time.perf_counter()
             out[name] = cat([disagreement(ref[i], score(fn, eps[i]), lat, config) for i in range(draws)])
@@ -512,6 +532,16 @@ def table(results: dict[str, Disagreement]) -> str:
     return "\n".join(lines)
 
 
+def dither_spread(field: VelocityField, lat: Latents, draws: int, dithers: int) -> dict[str, list[float]]:
+    """{name: worst ratio to the noise under weight roundings 0 (the plain one) .. `dithers`} for `DITHERED`."""
+    from dataclasses import replace
+
+    table = {f"{name}|{d}": _emulated(replace(RECIPES[name], dither=d)) for name in DITHERED
+             for d in range(dithers + 1)}
+    res = measure(field, lat, draws=draws, table=table)
+    return {name: [worst(res[f"{name}|{d}"], res["noise"])[0] for d in range(dithers + 1)] for name in DITHERED}
+
+
 def make_fixtures(progress: bool = True) -> None:
     """Run the model on the corpus, fit the flow to all its sequences, write `FLOW_FIXTURE` and `LATENTS_FIXTURE`."""
     lat = model_latents(progress=progress)
@@ -523,7 +553,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--make-fixtures", action="store_true", help="rerun the model, refit the flow and rewrite "
                         "both committed fixtures (then measure)")
-    parser.add_argument("--draws", type=int, default=6, help="ε pairs (default 6)")
+    parser.add_argument("--draws", type=int, default=6, help="ε pairs (default 6; 0: skip the table)")
+    parser.add_argument("--dithers", type=int, default=0, help="also re-measure the recipes closest to the "
+                        "criterion under N other e4m3 roundings of the weights (Recipe.dither) and print the spread")
     parser.add_argument("--fixture", action="store_true", help="measure on the committed test latents (6 "
                         "sequences, what the test sees) instead of running the model on all 64")
     args = parser.parse_args(argv)
@@ -535,7 +567,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     untrained = VelocityField(field.dim, field.depth, eps=field.eps)
     print(f"{lat.hidden[0].shape[0]} sequences, {len(_pairs(lat)[0][0])} scored tokens per layer; flow-matching "
           f"loss of the committed flow {fit_loss(field, lat):.2f} (untrained: {fit_loss(untrained, lat):.2f})")
-    print(table(measure(field, lat, draws=args.draws, progress=True)))
+    if args.draws:
+        print(table(measure(field, lat, draws=args.draws, progress=True)))
+    if args.dithers:
+        print(f"worst ratio to the noise under the weights' plain rounding and {args.dithers} dithered ones "
+              f"({args.draws or 3} ε draws each):")
+        for name, values in dither_spread(field, lat, args.draws or 3, args.dithers).items():
+            t = torch.tensor(values)
+            print(f"| {name} | {' '.join(f'{v:.2f}' for v in values)} | mean {t.mean():.2f}, sd {t.std():.2f} |")
     print(f"wall time {time.perf_counter() - start:.0f} s")
 
 
