@@ -67,8 +67,13 @@ def _fake_cuda_shaping(monkeypatch):
         cfg = fk.FlowConfig(norm=codes[norm], threshold=threshold, topk=topk, coef=coef)
         return _shape_rewards_torch(scores, action, cfg)
 
-    monkeypatch.setattr(shaping, "_C", types.SimpleNamespace(shape_rewards=rewards,
+    def both(scores, action, outcome, norm, threshold, topk, coef, group_size, gamma, use_smem):
+        r = rewards(scores, action, norm, threshold, topk, coef, use_smem)
+        return r, _shape_advantages_torch(outcome, r, action, group_size, gamma)
+
+    monkeypatch.setattr(shaping, "_C", types.SimpleNamespace(shape_rewards=rewards, shape_rewards_and_advantages=both,
                                                              shape_advantages=_shape_advantages_torch))
+    monkeypatch.setattr(shaping, "why_unavailable", lambda device: None)
     for op in ("shape_rewards", "shape_advantages"):
         impl = dispatch._REGISTRY[op]["cuda"]
         monkeypatch.setitem(dispatch._REGISTRY[op], "cuda", dispatch.Implementation(impl.fn, lambda device: None))
@@ -82,6 +87,7 @@ def _public_calls(check_finite: bool):
     layer = torch.full((T,), 0.5, device=DEVICE)
     scores = torch.rand(B, T, device=DEVICE)
     outcome = torch.rand(B, device=DEVICE)
+    fused_shaping = pytest.importorskip("flowkern.ops.shaping").shape_rewards_and_advantages
     shaping = "auto" if DEVICE.type == "cuda" else "cuda"
     kw = dict(check_finite=check_finite)
     return [
@@ -92,6 +98,7 @@ def _public_calls(check_finite: bool):
                                                backend="triton", **kw)),
         ("shape_rewards", lambda: fk.shape_rewards(scores, action, cfg, backend=shaping, **kw)),
         ("shape_advantages", lambda: fk.shape_advantages(outcome, scores, action, 3, backend=shaping, **kw)),
+        ("shape_rewards_and_advantages", lambda: fused_shaping(scores, action, outcome, cfg, 3, **kw)),
     ]
 
 
