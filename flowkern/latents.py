@@ -10,7 +10,7 @@ import torch
 from . import _checks
 from ._device import small_tensor
 from .config import FlowConfig
-from .field import VelocityField
+from .field import LayerRows, VelocityField
 from .flow import flow_matching_loss, flow_pairs
 
 
@@ -139,7 +139,8 @@ def latent_flow_loss(field: VelocityField, latents: Sequence[torch.Tensor], mask
     B, T, _ = latents[0].shape
     index = pair_index(selected_pairs(mask != 0, config, T), config)
     targets, conds = index.gather(latents)
-    layer = small_tensor(fracs, mask.device)[:, None].expand(len(fracs), index.n).reshape(-1)
+    layer = LayerRows(small_tensor(fracs, mask.device),
+                      torch.arange(len(fracs), device=mask.device).repeat_interleave(index.n))
     weights = mask[index.rows, index.pos].float().repeat(len(latents))
     loss = flow_matching_loss(field, targets, conds, layer, weights, repeats=repeats, generator=generator,
                               backend=backend, check_finite=False)
