@@ -28,9 +28,17 @@ DRAWS = 6
 NAMES = [fa.BF16, fa.DEFAULT, fa.MLP2, fa.STREAM32]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: these small GEMMs gain little from a second core and lose much when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data() -> tuple[fa.Latents, VelocityField]:
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     return fa.load_latents(), fa.load_flow()
 
 
