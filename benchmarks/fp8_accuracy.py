@@ -123,8 +123,8 @@ class Latents:
 def real_latents(model, tokenizer, n_seq: int = N_SEQ, progress: bool = True) -> Latents:
     """The latents of `corpus()` at `HOOKS` (DESIGN §1: decoder layer round(p·L), its output), `n_seq` × `SEQ`.
 
-    The decoder layers after the deepest hook are dropped for the forward (their outputs are not needed);
-    the hooked ones are unchanged."""
+    The decoder layers after the deepest hook are left out of the forward (their outputs are not needed) and
+    put back afterwards; the hooked ones are unchanged."""
     ids = tokenizer(corpus(), return_tensors="pt", add_special_tokens=False).input_ids
     if ids.shape[1] < n_seq * SEQ:
         raise ValueError(f"the corpus has {ids.shape[1]} tokens, fewer than n_seq * SEQ = {n_seq * SEQ}")
@@ -132,14 +132,18 @@ def real_latents(model, tokenizer, n_seq: int = N_SEQ, progress: bool = True) ->
     n_layers = model.config.num_hidden_layers
     layers = [min(round(p * n_layers), n_layers - 1) for p in HOOKS]
     # keep one layer past the deepest hook: HF applies the final norm to the last kept layer's hidden state
-    model.model.layers = model.model.layers[:max(layers) + 2]
+    all_layers = model.model.layers
+    model.model.layers = all_layers[:max(layers) + 2]
     out = []
-    with torch.no_grad():
-        for i in range(0, n_seq, 8):
-            states = model(input_ids=ids[i:i + 8], output_hidden_states=True).hidden_states
-            out.append([states[k + 1].float() for k in layers])
-            if progress:
-                print(f"latents: {min(i + 8, n_seq)}/{n_seq} sequences", flush=True)
+    try:
+        with torch.no_grad():
+            for i in range(0, n_seq, 8):
+                states = model(input_ids=ids[i:i + 8], output_hidden_states=True).hidden_states
+                out.append([states[k + 1].float() for k in layers])
+                if progress:
+                    print(f"latents: {min(i + 8, n_seq)}/{n_seq} sequences", flush=True)
+    finally:
+        model.model.layers = all_layers
     return Latents([torch.cat([o[j] for o in out]) for j in range(len(layers))], layers,
                    [k / n_layers for k in layers], float(model.config.rms_norm_eps))
 
