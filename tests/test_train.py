@@ -418,7 +418,7 @@ def test_compare_mode_table(tmp_path, capsys):
     assert "| flow − none |" in table and "flow − none = " in table  # paired difference and its verdict
     assert set(result["results"]["flow"]) == {0, 1}
     md = (tmp_path / "cmp" / "compare.md").read_text()
-    assert table in md and "wall time" in md and "python -m train" in md
+    assert table in md and "wall time" in md and "python -m train" in md and "the 6 runs' own wall times" in md
     diag = md.split("Flow diagnostic of each arm")[1]  # the per-arm diagnostic, read back from both seeds' runs
     assert "| none | 2 |" in diag and "| flow | 2 |" in diag and "reward digits" in diag
     assert table in capsys.readouterr().out

@@ -217,9 +217,13 @@ def run_compare(cfg: TrainConfig, seeds: Sequence[int], arms: Sequence[str] = SH
                                                                results, seeds, "pass@1")}, indent=2) + "\n")
     table = format_table(results, seeds, k)
     wall = time.perf_counter() - t_start
+    runs = [json.loads(f.read_text()).get("wall_s", {}).get("total_this_process", 0.0)
+            for seed in seeds for part in ("base", *arms) if (f := root / f"seed{seed}" / part / "summary.json").exists()]
     head = (f"compare: {len(seeds)} seeds, {cfg.rl_steps} GRPO steps x {cfg.batch_size} rollouts per arm "
             f"(group {cfg.group_size}), {cfg.sft_steps} SFT steps, {cfg.flow_steps} flow steps; "
-            f"wall time {wall:.0f} s for `{shlex.join(['python', '-m', 'train', *sys.argv[1:]])}`")
+            f"wall time {wall:.0f} s for `{shlex.join(['python', '-m', 'train', *sys.argv[1:]])}`; "
+            f"the {len(runs)} runs' own wall times (their summary.json, also those read back by --resume) "
+            f"add up to {sum(runs):.0f} s")
     diag = format_diagnostics(root, seeds, arms)
     (root / "compare.md").write_text(f"{head}\n\n{table}\n" + (f"\n{diag}\n" if diag else ""))
     print(f"\n{head}\n{table}" + (f"\n\n{diag}" if diag else ""), flush=True)
