@@ -7,12 +7,34 @@ Its parameter names are exactly those of the official `flow_model.bin`
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Union
 
 import torch
 from torch import nn
 
 Scalar = Union[float, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LayerRows:
+    """Per-row layer fractions given as a table: ``ℓ[r] = values[index[r]]``.
+
+    `flow_reward` and `latent_flow_loss` pass their rows' layers this way (one value per hooked layer), so
+    each distinct value is embedded once without having to discover them (``torch.unique`` would synchronise
+    the host).
+    """
+
+    values: torch.Tensor  # [U] fp32
+    index: torch.Tensor  # [N] integer
+
+    def per_row(self) -> torch.Tensor:
+        """The [N] fp32 layer fraction of every row."""
+        return self.values[self.index]
+
+    def repeat(self, times: int) -> "LayerRows":
+        """The same table for the rows repeated `times` times (``index.repeat(times)``)."""
+        return LayerRows(self.values, self.index.repeat(times))
 
 FREQ_FEATURES = 256  # sinusoidal features per embedder: 128 cos then 128 sin
 
@@ -40,8 +62,9 @@ class RMSNorm(nn.Module):
 class ScalarEmbedder(nn.Module):
     """Embeds a scalar (timestep or layer fraction): sinusoids -> Linear -> SiLU -> Linear.
 
-    Each distinct value is embedded once and the result gathered per row, so a
-    batch of N tokens sharing a timestep costs one tiny MLP call, not N.
+    A shared value is embedded once and broadcast; a `LayerRows` table embeds each of its values once and
+    gathers per row; an [N] tensor embeds every row (finding its distinct values would need
+    ``torch.unique``, a host sync).
     """
 
     def __init__(self, width: int):
@@ -60,15 +83,18 @@ class ScalarEmbedder(nn.Module):
         feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
 
-    def forward(self, value: Scalar, n_rows: int) -> torch.Tensor:
+    def forward(self, value: Union[Scalar, LayerRows], n_rows: int) -> torch.Tensor:
         """Embedding of `value` for `n_rows` rows: [1, W] (broadcasts) or [N, W]."""
         device, dtype = self.freqs.device, self.feature_dtype
+        if isinstance(value, LayerRows):
+            if value.index.shape != (n_rows,):
+                raise ValueError(f"per-row table index must have shape [{n_rows}], got {tuple(value.index.shape)}")
+            return self.embed_values(value.values.to(device=device, dtype=dtype))[value.index]
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
             return self.embed_values(torch.as_tensor(value, dtype=dtype, device=device).reshape(1))
         if value.shape != (n_rows,):
             raise ValueError(f"per-row scalar must have shape [{n_rows}], got {tuple(value.shape)}")
-        distinct, inverse = torch.unique(value.to(device=device, dtype=dtype), return_inverse=True)
-        return self.embed_values(distinct)[inverse]
+        return self.embed_values(value.to(device=device, dtype=dtype))
 
 
 class ResBlock(nn.Module):
@@ -145,7 +171,7 @@ class VelocityField(nn.Module):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def conditioning(self, cond: torch.Tensor, t: Scalar, layer: Scalar) -> torch.Tensor:
+    def conditioning(self, cond: torch.Tensor, t: Scalar, layer: Union[Scalar, LayerRows]) -> torch.Tensor:
         """The adaLN conditioning ``y`` [N, W] for contexts `cond` [N, D].
 
         Summed as the released RLFR module sums it, ``(lemb + cond) + temb``: in bf16 another order rounds
@@ -154,10 +180,11 @@ class VelocityField(nn.Module):
         n = cond.shape[0]
         return self.layer_embed(layer, n) + self.cond_embed(cond) + self.time_embed(t, n)
 
-    def forward(self, x_t: torch.Tensor, t: Scalar, cond: torch.Tensor, layer: Scalar) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: Scalar, cond: torch.Tensor, layer: Union[Scalar, LayerRows]
+                ) -> torch.Tensor:
         """Velocity v [N, D] at points `x_t` [N, D], times `t`, contexts `cond` [N, D], layer fractions `layer`.
 
-        `t` and `layer` are Python floats, 0-d tensors, or [N] tensors.
+        `t` and `layer` are Python floats, 0-d tensors, or [N] tensors; `layer` may also be a `LayerRows`.
         """
         if x_t.dim() != 2 or x_t.shape[-1] != self.dim:
             raise ValueError(f"VelocityField: x_t must be [N, {self.dim}], got {tuple(x_t.shape)}")

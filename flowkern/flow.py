@@ -17,7 +17,7 @@ import torch
 from . import _checks
 from . import backend as dispatch
 from .config import CONTEXT_MODES
-from .field import VelocityField
+from .field import LayerRows, VelocityField
 
 Scalar = Union[float, torch.Tensor]
 
@@ -71,8 +71,16 @@ def _check_field_inputs(field: VelocityField, target: torch.Tensor, cond: torch.
         raise ValueError(f"target's last dimension must be the field's dim {field.dim}, got shape {list(target.shape)}")
 
 
-def _per_row(name: str, value: Scalar, lead: Sequence[int], device: torch.device) -> Scalar:
-    """A float, or a fp32 tensor of shape [N] for a per-row value given with shape `lead`."""
+def _per_row(name: str, value: Union[Scalar, LayerRows], lead: Sequence[int], device: torch.device
+             ) -> Union[Scalar, LayerRows]:
+    """A float, a fp32 tensor of shape [N] for a per-row value given with shape `lead`, or a `LayerRows` table."""
+    if isinstance(value, LayerRows):
+        n = int(torch.Size(lead).numel())
+        if tuple(value.index.shape) != (n,):
+            raise ValueError(f"{name}: a LayerRows index must have shape [{n}], got {list(value.index.shape)}")
+        _checks.same_device(**{f"{name}.values": value.values, f"{name}.index": value.index,
+                               "target": torch.empty(0, device=device)})
+        return value
     if not isinstance(value, torch.Tensor):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
@@ -83,22 +91,6 @@ def _per_row(name: str, value: Scalar, lead: Sequence[int], device: torch.device
         raise ValueError(f"{name} must be a float or have shape {list(lead)}, got {list(value.shape)}")
     _checks.same_device(**{name: value, "target": torch.empty(0, device=device)})
     return value.reshape(-1).float()
-
-
-@dataclass(frozen=True)
-class LayerRows:
-    """Per-row layer fractions given as a table: ``ℓ[r] = values[index[r]]``.
-
-    `flow_reward` passes its rows' layers this way (one value per hooked layer), so the fused backend embeds
-    each distinct value once without having to discover them (``torch.unique`` would synchronise the host).
-    """
-
-    values: torch.Tensor  # [U] fp32
-    index: torch.Tensor  # [N] integer
-
-    def per_row(self) -> torch.Tensor:
-        """The [N] fp32 layer fraction of every row."""
-        return self.values[self.index]
 
 
 # --------------------------------------------------------------------------- scoring precision
@@ -249,7 +241,8 @@ def flow_scores(field: VelocityField, target: torch.Tensor, cond: torch.Tensor, 
     scores = score_rows(fn, scoring, target, cond, rows_layer, taus, noise, generator)
     if check_finite:
         _checks.finite_result("flow_scores", scores, target=target, cond=cond, noise=noise,
-                              layer=layer if isinstance(layer, torch.Tensor) else None)
+                              layer=layer.values if isinstance(layer, LayerRows) else
+                              layer if isinstance(layer, torch.Tensor) else None)
     return scores
 
 
@@ -264,8 +257,6 @@ def score_rows(fn, field: VelocityField, target: torch.Tensor, cond: torch.Tenso
 def _flow_scores_torch(field: VelocityField, target: torch.Tensor, cond: torch.Tensor,
                        layer: Union[float, torch.Tensor, LayerRows], timesteps: tuple[float, ...],
                        noise: Optional[torch.Tensor], generator: Optional[torch.Generator]) -> torch.Tensor:
-    if isinstance(layer, LayerRows):
-        layer = layer.per_row()
     dtype = field.input_proj.weight.dtype
     x1 = target.float()
     if noise is None:
@@ -297,7 +288,8 @@ def flow_matching_loss(field: VelocityField, target: torch.Tensor, cond: torch.T
         field: the velocity field; gradients flow to all its parameters.
         target: x1, [..., D].
         cond: contexts, same shape as `target`.
-        layer: layer fraction, a float or a tensor of shape [...].
+        layer: layer fraction, a float, a tensor of shape [...], or a `LayerRows` table over the N rows
+            (each distinct value embedded once).
         mask: bool mask or non-negative float weights of shape [...]; None weighs all tokens 1.
         t: times of shape [...] (repeats = 1) or [repeats, ...]; logit-normal when None.
         noise: ε of shape [..., D] (repeats = 1) or [repeats, ..., D]; standard normal when None.
@@ -347,7 +339,8 @@ def flow_matching_loss(field: VelocityField, target: torch.Tensor, cond: torch.T
     loss = fn(field, target, cond, layer, weights, t, noise, generator)
     if check_finite:
         _checks.finite_result("flow_matching_loss", loss.detach(), target=target, cond=cond, noise=noise,
-                              layer=layer if isinstance(layer, torch.Tensor) else None)
+                              layer=layer.values if isinstance(layer, LayerRows) else
+                              layer if isinstance(layer, torch.Tensor) else None)
     return loss
 
 
@@ -362,7 +355,7 @@ def _flow_matching_loss_torch(field: VelocityField, target: torch.Tensor, cond: 
     eps = noise.float()
     tt = t.unsqueeze(-1)
     x_t = (tt * x1 + (1.0 - tt) * eps).to(dtype).reshape(repeats * n, target.shape[-1])
-    rows_layer = layer.repeat(repeats) if isinstance(layer, torch.Tensor) else layer
+    rows_layer = layer.repeat(repeats) if isinstance(layer, (torch.Tensor, LayerRows)) else layer
     v = field(x_t, t.reshape(-1), cond.to(dtype).repeat(repeats, 1), rows_layer).float()
     per_token = (v.reshape(repeats, n, target.shape[-1]) - (x1 - eps)).pow(2).mean(-1)
     total = weights.sum() * repeats

@@ -10,7 +10,7 @@ import torch
 from . import _checks
 from ._device import small_tensor
 from .config import FlowConfig
-from .field import VelocityField
+from .field import LayerRows, VelocityField
 from .flow import flow_matching_loss, flow_pairs
 
 
@@ -52,6 +52,7 @@ class PairIndex:
     pos: torch.Tensor
     cond_pos: torch.Tensor
     selected: torch.Tensor  # [B, T] bool: selected target positions
+    dest: torch.Tensor  # flat index into a [B * T + 1] buffer where each pair's result goes (B * T: discard it)
     flagged: bool = False  # the `flag` given to `pair_index` was set (then rows/pos/cond_pos are empty)
 
     @property
@@ -61,7 +62,8 @@ class PairIndex:
 
     def slice(self, start: int, stop: int) -> "PairIndex":
         """Pairs ``start:stop`` (the `selected` mask is shared, not sliced)."""
-        return PairIndex(self.rows[start:stop], self.pos[start:stop], self.cond_pos[start:stop], self.selected)
+        return PairIndex(self.rows[start:stop], self.pos[start:stop], self.cond_pos[start:stop], self.selected,
+                         self.dest[start:stop])
 
     def gather(self, latents: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(targets, contexts), each [len(latents) * n, D], stacked layer-major."""
@@ -81,22 +83,35 @@ def selected_pairs(mask: torch.Tensor, config: FlowConfig, seq_len: int) -> torc
     return mask & valid[None]
 
 
-def pair_index(selected: torch.Tensor, config: FlowConfig, flag: Optional[torch.Tensor] = None) -> PairIndex:
+def pair_index(selected: torch.Tensor, config: FlowConfig, flag: Optional[torch.Tensor] = None, *,
+               static: bool = False) -> PairIndex:
     """The pairs of the `selected` target positions ([B, T] bool, from `selected_pairs`).
 
     Their number is data-dependent, so listing them costs one host sync. A 0-d bool `flag` on the device
     (e.g. "an input holds a NaN") is read back in that same sync: `PairIndex.flagged`.
+
+    ``static=True`` makes no host sync: the list has a fixed size, every position that can have a pair
+    (B · (T − |offset|)), the selected pairs first; the rest point at a valid pair for reading and at the
+    discard slot B · T of `dest` for writing. The caller then computes those rows too and throws them away.
     """
     flat = selected.reshape(-1)
     size, seq_len = flat.numel(), selected.shape[-1]
-    if flag is not None:  # flag set -> size + 1 extra nonzero entries: the count alone tells
-        flat = torch.cat([flat, flag.reshape(1).expand(size + 1)])
-    idx = flat.nonzero().squeeze(1)  # the host sync
-    if idx.numel() > size:
-        empty = idx[:0]
-        return PairIndex(empty, empty, empty, selected, flagged=True)
+    offset = context_offset(config)
+    if static:
+        if flag is not None:
+            raise ValueError("pair_index: a flag is read back by a host sync, which static=True avoids")
+        count = (size // seq_len) * max(0, seq_len - abs(offset))
+        dest = torch.nonzero_static(flat, size=count, fill_value=size).squeeze(1)
+        idx = torch.where(dest < size, dest, max(0, -offset))  # padding reads row 0's first paired position
+    else:
+        if flag is not None:  # flag set -> size + 1 extra nonzero entries: the count alone tells
+            flat = torch.cat([flat, flag.reshape(1).expand(size + 1)])
+        idx = dest = flat.nonzero().squeeze(1)  # the host sync
+        if idx.numel() > size:
+            empty = idx[:0]
+            return PairIndex(empty, empty, empty, selected, empty, flagged=True)
     rows, pos = idx // seq_len, idx % seq_len
-    return PairIndex(rows, pos, pos + context_offset(config), selected)
+    return PairIndex(rows, pos, pos + offset, selected, dest)
 
 
 def latent_flow_loss(field: VelocityField, latents: Sequence[torch.Tensor], mask: torch.Tensor,
@@ -124,7 +139,8 @@ def latent_flow_loss(field: VelocityField, latents: Sequence[torch.Tensor], mask
     B, T, _ = latents[0].shape
     index = pair_index(selected_pairs(mask != 0, config, T), config)
     targets, conds = index.gather(latents)
-    layer = small_tensor(fracs, mask.device)[:, None].expand(len(fracs), index.n).reshape(-1)
+    layer = LayerRows(small_tensor(fracs, mask.device),
+                      torch.arange(len(fracs), device=mask.device).repeat_interleave(index.n))
     weights = mask[index.rows, index.pos].float().repeat(len(latents))
     loss = flow_matching_loss(field, targets, conds, layer, weights, repeats=repeats, generator=generator,
                               backend=backend, check_finite=False)

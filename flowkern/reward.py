@@ -31,8 +31,11 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
     (`shape_rewards`): normalisation, threshold, top-k and ``-config.coef``.
     Non-action positions, and the ``shift`` positions without a pair, get 0.
 
-    Host syncs: one, for the number of scored tokens (a data-dependent size); the NaN/Inf check of
-    `check_finite` is read back in that same sync.
+    Host syncs: one by default, for the number of scored tokens (a data-dependent size); the NaN/Inf check
+    of `check_finite` is read back in that same sync. None with ``check_finite=False``: the scored rows then
+    have a fixed number, every position of the batch that has a context (B · (T − shift)), and the rows that
+    are not action tokens are computed and discarded. That is cheaper than the sync when most positions are
+    action tokens, and up to T / (response length) times the scoring work otherwise.
 
     Args:
         field: the velocity field, trained in the same context mode as `config`.
@@ -51,7 +54,8 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
             ``config.score_precision``.
         check_finite: check that the latents and noise hold no NaN or Inf where they are read (the scored
             tokens and their contexts); the error names the tensor. It reads each latent once on the device and
-            costs no extra sync. False skips it, for callers that validate upstream.
+            costs no extra sync. False skips it, for callers that validate upstream, and makes the call
+            sync-free (see "Host syncs").
     """
     if not isinstance(config, FlowConfig):
         raise TypeError(f"config must be a flowkern.FlowConfig, got {type(config).__name__}")
@@ -79,13 +83,14 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
     inputs.update({f"noise[{i}]": (nz if draws == 1 else nz.abs().amax(0), False)  # NaN/Inf of any draw
                    for i, nz in enumerate(noise or [])})
     offset = context_offset(config)
-    index = pair_index(selected, config, _non_finite_read(inputs.values(), selected, offset) if check_finite else None)
+    index = pair_index(selected, config, _non_finite_read(inputs.values(), selected, offset) if check_finite else None,
+                       static=not check_finite)
     if index.flagged:
         for name, tensor_and_cond in inputs.items():
             if bool(_non_finite_read([tensor_and_cond], selected, offset)):
                 raise ValueError(f"{name} contains NaN or Inf values")
 
-    scores = torch.zeros(B, T, dtype=torch.float32, device=device)
+    scores = torch.zeros(B * T + 1, dtype=torch.float32, device=device)  # the last slot takes discarded rows
     # The gathered copies are bounded: tokens are scored in near-equal chunks of at most SCORE_GATHER_BYTES of
     # copies (one chunk, hence one scoring call, unless the batch is large).
     # K noise draws are K copies of the rows of one call (one larger GEMM), averaged afterwards.
@@ -104,8 +109,8 @@ def flow_reward(field: VelocityField, latents: Sequence[torch.Tensor], action_ma
                                None if noise is None else torch.cat(
                                    [nz.reshape(draws, B, T, D)[k, part.rows, part.pos]
                                     for k in range(draws) for nz in noise]), generator)
-        scores[part.rows, part.pos] = per_layer.view(draws * len(latents), part.n).mean(0)
-    return shape_fn(scores, index.selected, config)
+        scores[part.dest] = per_layer.view(draws * len(latents), part.n).mean(0)
+    return shape_fn(scores[:-1].view(B, T), index.selected, config)
 
 
 def _non_finite_read(inputs, selected: torch.Tensor, offset: int) -> torch.Tensor:

@@ -151,6 +151,27 @@ def test_flow_reward_streams_its_gathered_copies(monkeypatch, backend):
     assert len(calls) > 2 and max(calls) <= 7 and max(calls) - min(calls) <= 1  # near-equal chunks
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("mode,shift,draws", [("token_pre", 1, 1), ("token_post", 2, 2), ("identity", 0, 1)])
+def test_flow_reward_sync_free_path_matches(monkeypatch, backend, mode, shift, draws):
+    """check_finite=False lists a fixed number of rows (no host sync); the extra rows are discarded, so the
+    rewards equal the default path's, also in several chunks and with K noise draws."""
+    dim = 64
+    field = _field(dim, 1, torch.float32, seed=5)
+    latents, action, noise = _reward_setup(dim, torch.float32, seed=5)
+    if draws > 1:
+        noise = [torch.stack([nz, nz.flip(0)]) for nz in noise]
+    cfg = fk.FlowConfig(context_mode=mode, shift=shift, norm="none", threshold=0.0, topk=0, coef=1.0,
+                        noise_draws=draws)
+    kw = dict(layer_fracs=(0.25, 0.75), noise=noise, backend=backend)
+    want = fk.flow_reward(field, latents, action, cfg, **kw)
+    monkeypatch.setattr(fk.reward, "SCORE_GATHER_BYTES", 7 * draws * 3 * 2 * 4 * dim)  # chunks of <= 7 tokens
+    got = fk.flow_reward(field, latents, action, cfg, check_finite=False, **kw)
+    assert torch.count_nonzero(want) > action.sum() // 2
+    assert_close(got, want, torch.float32)
+    assert torch.equal(got != 0, want != 0)
+
+
 def test_flow_reward_default_shaping_keeps_the_same_tokens():
     """The released shaping (minmax-bil, η=0.6, top-k 15) selects the same tokens in fp32."""
     dim = 64

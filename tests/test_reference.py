@@ -32,14 +32,22 @@ def test_default_init_gives_zero_velocity():
     assert sum(p.abs().sum() for p in field.final_layer.linear.parameters()) == 0
 
 
-def test_embeddings_computed_once_per_distinct_value(monkeypatch):
+def test_layer_table_embeds_each_value_once_and_per_row_tensors_never_dedupe(monkeypatch):
+    """A `LayerRows` table embeds each of its values once; an [N] tensor is embedded row by row (finding its
+    distinct values would need torch.unique, a host sync); both give the same velocities."""
+    from flowkern.field import LayerRows
+
     field = random_field(8, 1, dtype=torch.float32)
     seen = []
-    original = field.time_embed.embed_values
-    monkeypatch.setattr(field.time_embed, "embed_values", lambda v: (seen.append(v.numel()), original(v))[1])
-    t = torch.tensor([0.2, 0.8, 0.2, 0.2, 0.8])
-    field(torch.randn(5, 8), t, torch.randn(5, 8), 0.5)
-    assert seen == [2]
+    original = field.layer_embed.embed_values
+    monkeypatch.setattr(field.layer_embed, "embed_values", lambda v: (seen.append(v.numel()), original(v))[1])
+    monkeypatch.setattr(torch, "unique", lambda *a, **k: pytest.fail("torch.unique syncs the host"))
+    x_t, cond = torch.randn(5, 8), torch.randn(5, 8)
+    table = LayerRows(torch.tensor([0.25, 0.75]), torch.tensor([0, 1, 0, 0, 1]))
+    by_table = field(x_t, 0.5, cond, table)
+    by_row = field(x_t, 0.5, cond, table.per_row())
+    assert seen == [2, 5]
+    torch.testing.assert_close(by_table, by_row, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("shared_noise", [True, False])

@@ -360,7 +360,7 @@ def flow_matching_loss_triton(field: VelocityField, target: torch.Tensor, cond: 
         field: the velocity field; its weights must share one dtype.
         target: x1 [N, D]; gets a gradient when it requires one (``input_grad=True``).
         cond: contexts [N, D]; gradient through ``cond_embed`` likewise.
-        layer: a float or an fp32 [N] tensor of layer fractions.
+        layer: a float, an fp32 [N] tensor of layer fractions, or a `LayerRows` table.
         weights: fp32 [N] mask weights.
         t: fp32 [R, N] times.
         noise: ε [R, N, D], or None to draw it in-kernel (Philox keyed by a seed from `generator`).

@@ -51,7 +51,7 @@ def _shape_advantages_cuda(outcome: torch.Tensor, token_rewards: torch.Tensor, a
 
 def shape_rewards_and_advantages(scores: torch.Tensor, action_mask: torch.Tensor, outcome: torch.Tensor,
                                  config: FlowConfig, group_size: int, gamma: float = 1.0, *,
-                                 use_smem: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                                 use_smem: bool = True, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """`shape_rewards` then `shape_advantages` fused in one CUDA launch.
 
     Equivalent to ``r = shape_rewards(scores, action_mask, config)`` and
@@ -65,6 +65,8 @@ def shape_rewards_and_advantages(scores: torch.Tensor, action_mask: torch.Tensor
         group_size: rollouts per prompt n; must divide B.
         gamma: discount γ in [0, 1].
         use_smem: stage rows in shared memory when they fit (False forces the global-scratch path).
+        check_finite: check that the action tokens' scores and `outcome` hold no NaN or Inf (one host sync for
+            both; the error names the tensor); False skips it, and the call makes no host sync.
 
     Returns:
         (token rewards [B, T] fp32, advantages [B, T] fp32).
@@ -78,8 +80,8 @@ def shape_rewards_and_advantages(scores: torch.Tensor, action_mask: torch.Tensor
     reason = why_unavailable(device)
     if reason is not None:
         raise RuntimeError(f"shape_rewards_and_advantages: {reason}")
-    _checks.finite("scores", scores.masked_fill(~action_mask, 0))
-    _checks.finite("outcome", outcome)
+    if check_finite:
+        _checks.all_finite(scores=scores.masked_fill(~action_mask, 0), outcome=outcome)
     return _C.shape_rewards_and_advantages(scores.float(), action_mask, outcome.float(), NORM_CODES[config.norm],
                                            float(config.threshold), int(config.topk), float(config.coef),
                                            group_size, gamma, use_smem)
