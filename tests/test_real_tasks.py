@@ -108,7 +108,7 @@ def test_diag_problems_and_stage_table(tmp_path):
     with pytest.raises(ValueError, match="--diag-problems 3"):
         diag_problems(run, 3, "heldout")
     base, arm = tmp_path / "seed0" / "base", tmp_path / "seed0" / "flow"
-    for d, wall in ((base, {"sft": 12.0, "flow": 30.4, "total_this_process": 43}), (arm, {"rl": 100.0, "report": 9})):
+    for d, wall in ((base, {"sft": 12.0, "flow": 30.4, "total_this_process": 43}), (arm, {"sft": 12.0, "rl": 100.0, "report": 9})):
         d.mkdir(parents=True)
         (d / "summary.json").write_text(json.dumps({"wall_s": wall}))
     (arm / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in (

@@ -114,7 +114,8 @@ def _metrics(path: Path) -> list[dict]:
 
 def stage_table(root: Path) -> str:
     """Markdown table of every stage's wall time in a ``python -m train compare`` output directory: the base run
-    (evaluation of the start point, harvest + flow pretraining) and each arm (GRPO + final evaluation, report),
+    (evaluation of the start point, harvest + flow pretraining) and each arm (GRPO + final evaluation, report; an
+    arm's summary also holds the base stages' times it was started from, which are not repeated),
     with the arms' mean generation tokens/s and RL step time from their ``metrics.jsonl``."""
     lines = ["| run | stage | wall time (s) | generation tokens/s (mean) | RL step time (s, mean) |",
              "|---|---|---:|---:|---:|"]
@@ -124,10 +125,11 @@ def stage_table(root: Path) -> str:
         for run_dir in sorted(d for d in seed_dir.iterdir() if (d / "summary.json").exists()):
             wall = json.loads((run_dir / "summary.json").read_text()).get("wall_s", {})
             steps = [m for m in _metrics(run_dir / "metrics.jsonl") if m.get("stage") == "rl" and "step_s" in m]
+            own = ("sft", "flow") if run_dir.name == "base" else ("rl", "report")  # arms inherit the base's times
             for stage, secs in wall.items():
-                if stage not in names:
+                if stage not in own:
                     continue
-                extra = "| |"
+                extra = "| | |"
                 if stage == "rl" and steps:
                     tps = sum(m["gen_tokens_per_s"] for m in steps) / len(steps)
                     extra = f"| {tps:.1f} | {sum(m['step_s'] for m in steps) / len(steps):.1f} ({len(steps)} steps) |"
