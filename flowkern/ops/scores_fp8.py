@@ -16,14 +16,13 @@ of the velocity field (except the tiny time and layer embedders) as ``torch._sca
   every sum are fp32.
 
 Real LLM hidden states carry outlier channels (SmolLM2-135M: ~100 in one channel against a row RMS of
-~7-12). The GEMMs that read raw latents (``cond_embed`` on the context c, ``input_proj`` on
-x_t = τ·x1 + (1-τ)·ε) and the output GEMM (whose v must reproduce them) are where fp8 loses most.
-`RAW_GEMMS` chooses which GEMMs stay 16-bit (bf16 weights cached beside the fp8 ones); measured on
-SmolLM2 latents by `benchmarks/fp8_accuracy.py` (README, "fp8 scoring"):
-``"bf16-io"`` (default, the closest to fp32: cond_embed, input_proj and the output GEMM in bf16),
-``"bf16"`` (cond_embed and input_proj), ``"fp8"`` (every GEMM) or ``"smooth"`` (a measurement variant,
-torch row ops only: fp8 after per-channel smoothing of the two raw-latent GEMMs, SmoothQuant with α = ½,
-``s_k = sqrt(amax_k(x) / amax_k(W))`` from the chunk being scored, weights requantised per call).
+~7-12). `RAW_GEMMS` chooses which GEMMs stay 16-bit (bf16 weights cached beside the fp8 ones):
+``"bf16-io"`` (default: cond_embed, input_proj and the output GEMM in bf16), ``"bf16"`` (cond_embed and
+input_proj), ``"fp8"`` (every GEMM) or ``"smooth"`` (a measurement variant, torch row ops only: fp8 after
+per-channel smoothing of the two raw-latent GEMMs, SmoothQuant with α = ½, ``s_k = sqrt(amax_k(x) / amax_k(W))``
+from the chunk being scored, weights requantised per call). None of them meets issue 13's accuracy criterion
+on SmolLM2 latents (README, "The GEMM route and fp8 scoring"; `benchmarks/fp8_accuracy.py`, which also
+emulates finer recipes); ``"bf16-io"`` is the closest of them.
 """
 
 from __future__ import annotations
