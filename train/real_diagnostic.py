@@ -5,8 +5,8 @@
 1. The trainer runs up to flow pretraining (``--stop-after flow``, no SFT): held-out pass@1 of the model as it
    is, then a flow fitted on the latents of the model's own correct answers to ``--flow-harvest`` train problems
    (their text is cached in ``<out>/flow_traces.jsonl``; latents are recomputed, never stored).
-2. ``--diag-samples`` responses to each of the first ``--diag-problems`` held-out problems are sampled once and
-   cached with their text and outcome in ``<out>/diag_rollouts.jsonl``; a rerun reuses both caches.
+2. ``--diag-samples`` responses to each of the first ``--diag-problems`` held-out problems (or, with
+   ``--diag-split unharvested``, train problems the harvest never sampled) are sampled once and cached with their text and outcome in ``<out>/diag_rollouts.jsonl``; a rerun reuses both caches.
 3. Each held-out rollout is scored token by token (deviation scores: `flowkern.flow_reward` with no
    normalisation, threshold or top-k, and coefficient -1; twice, with independent noise) and
    `flowkern.diagnostics.diagnose` reports the AUROC of the sequence-mean deviation for wrong against right
