@@ -94,3 +94,27 @@ def test_chat_prompt_uses_the_template():
     Tok.chat_template = None
     with pytest.raises(ValueError, match="chat template"):
         chat_prompt(Tok(), "2+2?")
+
+
+def test_diag_problems_and_stage_table(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from train.real_diagnostic import diag_problems, stage_table
+
+    run = SimpleNamespace(cfg=SimpleNamespace(flow_harvest=2), train=list("abcde"), heldout=list("xy"))
+    assert diag_problems(run, 2, "heldout") == ["x", "y"]
+    assert diag_problems(run, 3, "unharvested") == ["c", "d", "e"]  # never the harvested train problems
+    with pytest.raises(ValueError, match="--diag-problems 3"):
+        diag_problems(run, 3, "heldout")
+    base, arm = tmp_path / "seed0" / "base", tmp_path / "seed0" / "flow"
+    for d, wall in ((base, {"sft": 12.0, "flow": 30.4, "total_this_process": 43}), (arm, {"sft": 12.0, "rl": 100.0, "report": 9})):
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"wall_s": wall}))
+    (arm / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in (
+        {"stage": "rl", "step": 1, "gen_tokens_per_s": 10.0, "step_s": 40.0},
+        {"stage": "rl", "step": 2, "gen_tokens_per_s": 20.0, "step_s": 50.0}, {"stage": "rl", "kind": "eval"})))
+    rows = stage_table(tmp_path).splitlines()
+    assert len(rows) == 2 + 4  # header, rule, sft + flow of the base run, rl + report of the arm
+    assert rows[2].startswith("| seed0/base | evaluation") and "| 12 |" in rows[2]
+    assert "| 100 | 15.0 | 45.0 (2 steps) |" in rows[4]

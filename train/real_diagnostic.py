@@ -5,8 +5,8 @@
 1. The trainer runs up to flow pretraining (``--stop-after flow``, no SFT): held-out pass@1 of the model as it
    is, then a flow fitted on the latents of the model's own correct answers to ``--flow-harvest`` train problems
    (their text is cached in ``<out>/flow_traces.jsonl``; latents are recomputed, never stored).
-2. ``--diag-samples`` responses to each of the first ``--diag-problems`` held-out problems are sampled once and
-   cached with their text and outcome in ``<out>/diag_rollouts.jsonl``; a rerun reuses both caches.
+2. ``--diag-samples`` responses to each of the first ``--diag-problems`` held-out problems (or, with
+   ``--diag-split unharvested``, train problems the harvest never sampled) are sampled once and cached with their text and outcome in ``<out>/diag_rollouts.jsonl``; a rerun reuses both caches.
 3. Each held-out rollout is scored token by token (deviation scores: `flowkern.flow_reward` with no
    normalisation, threshold or top-k, and coefficient -1; twice, with independent noise) and
    `flowkern.diagnostics.diagnose` reports the AUROC of the sequence-mean deviation for wrong against right
@@ -47,12 +47,21 @@ def _pad_cat(parts: Sequence[torch.Tensor], value) -> torch.Tensor:
     return torch.cat([torch.nn.functional.pad(p, (0, T - p.shape[1]), value=value) for p in parts])
 
 
-def sample_rollouts(run, n_problems: int, samples: int, path: Path) -> list[dict]:
-    """`samples` responses to each of the first `n_problems` held-out problems, verified; cached in `path`."""
+def diag_problems(run, n_problems: int, split: str) -> list:
+    """The first `n_problems` problems the flow never saw: of the held-out split, or the train problems after the
+    first ``--flow-harvest`` (those the harvest did not sample; cheaper, as they need no held-out evaluation)."""
+    pool = run.heldout if split == "heldout" else run.train[run.cfg.flow_harvest:]
+    if len(pool) < n_problems:
+        raise ValueError(f"--diag-problems {n_problems}: the {split} split has only {len(pool)} problems "
+                         f"(raise --n-heldout or --n-train)")
+    return pool[:n_problems]
+
+
+def sample_rollouts(run, probs: Sequence, samples: int, path: Path) -> list[dict]:
+    """`samples` responses to each problem of `probs`, verified; cached in `path`."""
     if path.exists():
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     cfg, tok = run.cfg, run.tokenizer
-    probs = run.heldout[:n_problems]
     rows = []
     bar = run.progress(len(probs), 0, "diagnostic rollouts")
     per_call = max(1, CHUNK // samples)
@@ -99,12 +108,49 @@ def score_rollouts(run, rows: list[dict]) -> dict:
     return {k: _pad_cat(v, pads[k]) for k, v in out.items()}
 
 
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def stage_table(root: Path) -> str:
+    """Markdown table of every stage's wall time in a ``python -m train compare`` output directory: the base run
+    (evaluation of the start point, harvest + flow pretraining) and each arm (GRPO + final evaluation, report; an
+    arm's summary also holds the base stages' times it was started from, which are not repeated),
+    with the arms' mean generation tokens/s and RL step time from their ``metrics.jsonl``."""
+    lines = ["| run | stage | wall time (s) | generation tokens/s (mean) | RL step time (s, mean) |",
+             "|---|---|---:|---:|---:|"]
+    names = {"sft": "evaluation of the start point (no SFT)", "flow": "harvest + flow pretraining",
+             "rl": "GRPO steps + final evaluation", "report": "report (heat-map, token classes, diagnostics)"}
+    for seed_dir in sorted(root.glob("seed*")):
+        for run_dir in sorted(d for d in seed_dir.iterdir() if (d / "summary.json").exists()):
+            wall = json.loads((run_dir / "summary.json").read_text()).get("wall_s", {})
+            steps = [m for m in _metrics(run_dir / "metrics.jsonl") if m.get("stage") == "rl" and "step_s" in m]
+            own = ("sft", "flow") if run_dir.name == "base" else ("rl", "report")  # arms inherit the base's times
+            for stage, secs in wall.items():
+                if stage not in own:
+                    continue
+                extra = "| | |"
+                if stage == "rl" and steps:
+                    tps = sum(m["gen_tokens_per_s"] for m in steps) / len(steps)
+                    extra = f"| {tps:.1f} | {sum(m['step_s'] for m in steps) / len(steps):.1f} ({len(steps)} steps) |"
+                lines.append(f"| {seed_dir.name}/{run_dir.name} | {names[stage]} (`{stage}`) | {secs:.0f} {extra}")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the diagnostic; trainer flags pass through. Returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m train.real_diagnostic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--diag-problems", type=int, default=100, help="held-out problems to sample (default 100)")
     parser.add_argument("--diag-samples", type=int, default=4, help="responses per problem (default 4)")
+    parser.add_argument("--diag-split", choices=("heldout", "unharvested"), default="heldout",
+                        help="where the diagnostic's problems come from: the held-out split, or the train problems "
+                             "after the first --flow-harvest (default heldout)")
+    parser.add_argument("--stages", metavar="DIR", help="only print the stage wall-time table of the "
+                        "`python -m train compare` output DIR and exit")
     args, rest = parser.parse_known_args(argv)
+    if args.stages:
+        print(stage_table(Path(args.stages)))
+        return 0
     cfg = parse_config([*rest, "--stop-after", "flow"])
     if cfg.sft_steps:
         parser.error("the diagnostic looks at the model as it is: pass --sft-steps 0")
@@ -121,7 +167,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(cfg.threads or 1)
     run = setup(dataclasses.replace(cfg, resume=True), info)
     t0 = time.perf_counter()
-    rows = sample_rollouts(run, args.diag_problems, args.diag_samples, out / "diag_rollouts.jsonl")
+    probs = diag_problems(run, args.diag_problems, args.diag_split)
+    rows = sample_rollouts(run, probs, args.diag_samples, out / "diag_rollouts.jsonl")
     times["rollouts_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     scored = score_rollouts(run, rows)
@@ -130,7 +177,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     diag = diagnose(scored["raw"], scored["action"], correct, token_class=scored["cls"], class_names=CLASSES,
                     shaped=scored["shaped"], rescored=scored["rescored"])
     title = f"{cfg.model} on {cfg.task}: flow fitted on {summary.get('flow_harvest', {}).get('distinct')} correct " \
-            f"samples, {len(rows)} held-out rollouts"
+            f"samples, {len(rows)} rollouts of " \
+            f"{len(probs)} {args.diag_split} problems"
     md = format_diagnosis(diag, title)
     start = summary.get("sft_eval", {})
     md += (f"\n\nHeld-out greedy pass@1 of the model: {start.get('pass@1', float('nan')):.3f} "
