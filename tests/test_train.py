@@ -462,3 +462,20 @@ def test_confidence_intervals_and_verdicts():
     assert verdict("flow", paired_differences(res, range(5), "pass@1")["flow"]).startswith("flow is worse")
     res["flow"] = {s: {"pass@1": 0.3 + (0.05 if s % 2 else -0.05)} for s in range(5)}
     assert verdict("flow", paired_differences(res, range(5), "pass@1")["flow"]).startswith("No detectable")
+
+
+def test_diagnostics_plot_without_first_error_labels_says_so(tmp_path):
+    """Real tasks give no first-wrong-token labels: the panel says so instead of an empty legend (a warning)."""
+    import warnings
+
+    from train.evaluate import plot_diagnostics
+
+    B, T = 4, 6
+    mask = torch.ones(B, T, dtype=torch.bool)
+    stats = {"seq_auroc": 0.6}
+    by_k = {1: {"layers": {"layer0": stats}, "mean": stats, "noise": {"spearman_tokens": 0.9}}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = plot_diagnostics({"mean": torch.rand(B, T)}, mask, torch.tensor([1, 0, 1, 0]),
+                                torch.full((B,), -1), torch.zeros(B, T, dtype=torch.long), by_k, tmp_path / "d.png")
+    assert path.stat().st_size > 0

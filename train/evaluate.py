@@ -284,7 +284,11 @@ def plot_diagnostics(scores: dict[str, Any], mask: torch.Tensor, correct: torch.
         if vals.numel():
             a.hist(vals.numpy(), bins=30, alpha=0.55, density=True, label=f"{label} ({vals.numel()})", color=color)
     a.set(title="first wrong token vs right tokens (digits)", xlabel="raw deviation score", ylabel="density")
-    a.legend(fontsize=8)
+    if a.get_legend_handles_labels()[0]:
+        a.legend(fontsize=8)
+    else:  # real tasks give no per-token error labels, and a run may have no right response
+        a.text(0.5, 0.5, "no first-wrong-token labels\nor no right responses", ha="center", va="center",
+               transform=a.transAxes)
     a = ax[2]
     draws = sorted(by_k)
     if len(draws) > 1:
