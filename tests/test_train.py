@@ -468,7 +468,7 @@ def test_diagnostics_plot_without_first_error_labels_says_so(tmp_path):
     """Real tasks give no first-wrong-token labels: the panel says so instead of an empty legend (a warning)."""
     import warnings
 
-    from train.evaluate import plot_diagnostics
+    from train.evaluate import CLASSES, plot_diagnostics
 
     B, T = 4, 6
     mask = torch.ones(B, T, dtype=torch.bool)
@@ -477,5 +477,6 @@ def test_diagnostics_plot_without_first_error_labels_says_so(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         path = plot_diagnostics({"mean": torch.rand(B, T)}, mask, torch.tensor([1, 0, 1, 0]),
-                                torch.full((B,), -1), torch.zeros(B, T, dtype=torch.long), by_k, tmp_path / "d.png")
+                                torch.full((B,), -1), torch.full((B, T), CLASSES.index("connectives")), by_k,
+                                tmp_path / "d.png")
     assert path.stat().st_size > 0
